@@ -141,7 +141,7 @@ def new_run_dir(root: str | Path = "runs") -> Path:
 
 
 def _progress(items: Sequence, desc: str):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: no ipywidgets needed, readable in saved notebooks
 
     return tqdm(items, desc=desc, unit="nb")
 
