@@ -22,8 +22,6 @@ Digits pipeline, in order:
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -128,7 +126,7 @@ def _crop_offsets(length: int, size: int, count: int) -> list[int]:
     """``count`` evenly spaced start offsets of a ``size`` window in ``length`` (one: centered)."""
     span = length - size
     if count == 1:
-        return [span // 2]
+        return [int(round(span / 2))]  # torchvision's center_crop convention
     return [round(i * span / (count - 1)) for i in range(count)]
 
 
@@ -154,10 +152,13 @@ def sample_photos(size: int = 224, crops_per_image: int = 4, normalize: bool = T
 
     crops = []
     for image in load_sample_images().images:
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float() / 255.0
         height, width = x.shape[-2:]
-        scale = short_side / min(height, width)
-        new_h, new_w = max(short_side, math.floor(height * scale + 0.5)), max(short_side, math.floor(width * scale + 0.5))
+        # torchvision's resize convention: the longer side is truncated, int(short_side * long / short).
+        if height <= width:
+            new_h, new_w = short_side, int(short_side * width / height)
+        else:
+            new_h, new_w = int(short_side * height / width), short_side
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         x = x.clamp_(0.0, 1.0)
         if new_w >= new_h:  # landscape: slide along the width

@@ -1,0 +1,287 @@
+"""fusionlib.models: builders, fusion groups, fuse_model against the unfused model, trained_model's cache."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from fusionlib import data, models
+from fusionlib.verify import compare_outputs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small inputs gain nothing from a second thread, and on a busy 2-core box two
+    OpenMP threads waiting for each other make every op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _wait_for_fusion(timeout: float = 600.0):
+    """Import fusionlib.fusion; while its file does not exist yet (it was written concurrently), poll."""
+    import importlib.util
+
+    deadline = time.monotonic() + timeout
+    while importlib.util.find_spec("fusionlib.fusion") is None and time.monotonic() < deadline:
+        time.sleep(10)
+    from fusionlib import fusion  # a real import error surfaces here, at once
+
+    return fusion
+
+
+def _randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters (fresh ones are mean 0, var 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+                module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    return data.digits_tensors()[2][:4]
+
+
+@pytest.fixture(scope="module")
+def photo_batch():
+    return data.sample_photos(crops_per_image=1)  # china + flower, center crops, [2,3,224,224]
+
+
+# ----------------------------------------------------------------------------- builders
+def test_builders_keep_torchvision_module_names():
+    for name, reference in [
+        ("resnet18", torchvision.models.resnet18(weights=None, num_classes=10)),
+        ("mobilenet_v2", torchvision.models.mobilenet_v2(weights=None, num_classes=10)),
+    ]:
+        model = models.build(name, num_classes=10)
+        assert [n for n, _ in model.named_modules()] == [n for n, _ in reference.named_modules()]
+        assert {k: v.shape for k, v in model.state_dict().items()} == {
+            k: v.shape for k, v in reference.state_dict().items()
+        }
+
+
+def test_small_input_mobilenet_ends_in_2x2_instead_of_1x1():
+    x = torch.zeros(1, 3, 32, 32)
+    small, standard = models.mobilenet_v2(small_input=True), models.mobilenet_v2(small_input=False)
+    assert small.features[7].conv[1][0].stride == (1, 1) and standard.features[7].conv[1][0].stride == (2, 2)
+    with torch.no_grad():
+        assert small.eval().features(x).shape == (1, 1280, 2, 2)
+        assert standard.eval().features(x).shape == (1, 1280, 1, 1)
+
+
+def test_resnet18_logits_shape_and_unknown_name():
+    model = models.resnet18(num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="resnet50"):
+        models.build("resnet50")
+
+
+# ----------------------------------------------------------------------------- fusion groups
+def _check_group_types(model: nn.Module, groups: list[list[str]]) -> None:
+    for group in groups:
+        conv, bn = model.get_submodule(group[0]), model.get_submodule(group[1])
+        assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d), group
+        assert conv.out_channels == bn.num_features, group
+    names = [n for g in groups for n in g]
+    assert len(names) == len(set(names)), "a module listed twice"
+
+
+def test_resnet18_groups():
+    model = models.resnet18()
+    groups = models.fusion_groups(model)
+    assert len(groups) == 20  # 1 stem + 8 blocks * 2 conv-bn + 3 downsample
+    assert groups[0] == ["conv1", "bn1", "relu"]
+    assert ["layer1.0.conv1", "layer1.0.bn1"] in groups and ["layer4.1.conv2", "layer4.1.bn2"] in groups
+    downsample = [g for g in groups if "downsample" in g[0]]
+    assert downsample == [[f"layer{i}.0.downsample.0", f"layer{i}.0.downsample.1"] for i in (2, 3, 4)]
+    # A block's shared ReLU (used after bn1 and after the add) is never fused.
+    assert not any(name.endswith(".relu") for g in groups for name in g)
+    _check_group_types(model, groups[1:])
+    # Every BatchNorm of the model is covered.
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bns == {g[1] for g in groups}
+
+
+def test_mobilenet_v2_groups():
+    model = models.mobilenet_v2()
+    groups = models.fusion_groups(model)
+    # features.0 + features.1 (dw, project) + 16 blocks * (expand, dw, project) + features.18
+    assert len(groups) == 1 + 2 + 16 * 3 + 1 == 52
+    assert groups[0] == ["features.0.0", "features.0.1"]
+    assert groups[1:3] == [["features.1.conv.0.0", "features.1.conv.0.1"], ["features.1.conv.1", "features.1.conv.2"]]
+    assert groups[3:6] == [
+        ["features.2.conv.0.0", "features.2.conv.0.1"],
+        ["features.2.conv.1.0", "features.2.conv.1.1"],
+        ["features.2.conv.2", "features.2.conv.3"],
+    ]
+    assert groups[-1] == ["features.18.0", "features.18.1"]
+    _check_group_types(model, groups)
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bns == {g[1] for g in groups}
+
+
+def test_groups_are_found_by_walking_any_width_or_depth():
+    assert len(models.fusion_groups(torchvision.models.resnet34(weights=None, num_classes=3))) == 1 + 16 * 2 + 3
+    wide = torchvision.models.mobilenet_v2(weights=None, num_classes=5, width_mult=0.5)
+    assert len(models.fusion_groups(wide)) == 52
+    _check_group_types(wide, models.fusion_groups(wide))
+
+
+def test_unknown_architecture_is_a_type_error_naming_it():
+    class TinyNet(nn.Sequential):
+        pass
+
+    with pytest.raises(TypeError, match="TinyNet"):
+        models.fusion_groups(TinyNet(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(TypeError, match="TinyNet"):
+        models.fuse_model(TinyNet(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+
+
+# ----------------------------------------------------------------------------- fuse_model
+@pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
+def model_and_fused(request):
+    _wait_for_fusion()
+    torch.manual_seed(0)
+    model = _randomize_batchnorm(models.build(request.param)).eval()
+    before = copy.deepcopy(model.state_dict())
+    fused = models.fuse_model(model)
+    return request.param, model, fused, before
+
+
+def test_fused_matches_unfused_on_digits(model_and_fused, digits_batch):
+    name, model, fused, _ = model_and_fused
+    with torch.inference_mode():
+        reference, candidate = model(digits_batch), fused(digits_batch)
+    result = compare_outputs(reference, candidate, rtol=1e-4, name=f"{name} digits")
+    assert result.passed, str(result)
+    assert float(reference.std()) > 0.01  # the check compared real, varied logits
+
+
+def test_fused_matches_unfused_on_sample_photos(model_and_fused, photo_batch):
+    name, model, fused, _ = model_and_fused
+    with torch.inference_mode():
+        reference, candidate = model(photo_batch), fused(photo_batch)
+    result = compare_outputs(reference, candidate, rtol=1e-4, name=f"{name} photos")
+    assert result.passed, str(result)
+
+
+def test_every_grouped_batchnorm_became_identity(model_and_fused):
+    name, model, fused, before = model_and_fused
+    for group in models.fusion_groups(model):
+        for member in group[1:]:
+            assert isinstance(fused.get_submodule(member), nn.Identity), member
+        conv = fused.get_submodule(group[0])
+        if len(group) == 3:  # conv-bn-relu -> ConvReLU2d(conv, relu)
+            assert isinstance(conv[1], nn.ReLU), group
+            conv = conv[0]
+        assert isinstance(conv, nn.Conv2d) and conv.bias is not None, group  # the folded shift is the bias
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    if name == "resnet18":  # the stem ReLU went into the first conv; block ReLUs stayed
+        assert isinstance(fused.relu, nn.Identity)
+        assert all(isinstance(block.relu, nn.ReLU) for layer in (fused.layer1, fused.layer4) for block in layer)
+    # inplace=False: the caller's model is untouched.
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fuse_model_refuses_training_mode_and_leaves_the_model_as_it_was():
+    _wait_for_fusion()
+    model = models.resnet18().train()
+    with pytest.raises(ValueError, match="eval"):
+        models.fuse_model(model)
+    model.eval()
+    model.layer2[0].bn1.train()
+    with pytest.raises(ValueError, match="layer2.0.bn1"):
+        models.fuse_model(model, inplace=True)
+    assert isinstance(model.layer2[0].bn1, nn.BatchNorm2d) and isinstance(model.bn1, nn.BatchNorm2d)
+
+
+def test_fuse_model_inplace_returns_the_same_model():
+    _wait_for_fusion()
+    model = models.mobilenet_v2().eval()
+    fused = models.fuse_model(model, inplace=True)
+    assert fused is model and isinstance(model.features[0][1], nn.Identity)
+
+
+# ----------------------------------------------------------------------------- trained_model
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("FUSIONLIB_CACHE")
+    assert models.cache_dir() == tmp_path / "xdg" / "fusionlib"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models.cache_dir() == tmp_path / "home" / ".cache" / "fusionlib"
+
+
+def test_cache_key_depends_on_every_parameter():
+    base = {"name": "resnet18", "epochs": 3, "lr": 0.03}
+    keys = {models.cache_key(base), models.cache_key({**base, "epochs": 4}), models.cache_key({**base, "lr": 0.031})}
+    assert len(keys) == 3 and models.cache_key(dict(reversed(base.items()))) == models.cache_key(base)
+
+
+TINY = dict(name="resnet18", epochs=1, image_size=8, batch_size=64, progress=False)  # ~3 CPU-seconds
+
+
+def test_trained_model_trains_once_then_loads_identical_weights(monkeypatch, tmp_path):
+    from fusionlib.train import evaluate
+
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
+    model, metrics = models.trained_model(**TINY)
+    assert metrics["cached"] is False and not model.training
+    assert set(metrics) >= {"test_accuracy", "train_seconds", "epochs", "cached", "history"}
+    assert metrics["epochs"] == 1 and len(metrics["history"]) == 1 and metrics["train_seconds"] > 0
+    files = list(tmp_path.iterdir())
+    assert [f.suffix for f in files] == [".pt"] and files[0].name.startswith("resnet18-")  # no temp file left
+
+    # One epoch on real digits learns something, and the metric is the model's real accuracy.
+    from fusionlib.data import digits_loaders
+
+    _, test_loader = digits_loaders(batch_size=128, image_size=8)
+    assert metrics["test_accuracy"] == pytest.approx(evaluate(model, test_loader))
+    assert metrics["test_accuracy"] > 0.3  # chance is 0.1; measured 0.56
+
+    again, metrics_again = models.trained_model(**TINY)
+    assert metrics_again["cached"] is True and not again.training
+    assert metrics_again["test_accuracy"] == metrics["test_accuracy"]
+    assert metrics_again["train_seconds"] == metrics["train_seconds"]
+    state, state_again = model.state_dict(), again.state_dict()
+    assert state.keys() == state_again.keys() and all(torch.equal(state[k], state_again[k]) for k in state)
+
+
+def test_trained_model_retrains_from_scratch_over_a_bad_cache_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
+    kwargs = dict(epochs=1, image_size=8, batch_size=256, progress=False)
+    params = {
+        "name": "mobilenet_v2", "epochs": 1, "image_size": 8, "seed": 0, "batch_size": 256,
+        "lr": models.DEFAULT_LR["mobilenet_v2"], "momentum": 0.9, "weight_decay": 5e-4,
+        "channels": 3, "small_input": True, "test_fraction": 0.2,
+    }  # fmt: skip
+    path = tmp_path / f"mobilenet_v2-{models.cache_key(params)}.pt"
+    # A stale entry: other weights plus an unexpected key, so load_state_dict copies, then fails.
+    torch.manual_seed(99)
+    stale = dict(models.mobilenet_v2().state_dict(), unexpected=torch.zeros(1))
+    torch.save({"state_dict": stale, "metrics": {}}, path)
+    with pytest.warns(UserWarning, match="unreadable cache entry"):
+        model, metrics = models.trained_model("mobilenet_v2", **kwargs)
+    assert metrics["cached"] is False and Path(metrics["path"]) == path
+    # Retrained from the seeded initialization, not from the half-loaded stale weights.
+    clean, _ = models.trained_model("mobilenet_v2", use_cache=False, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clean.state_dict().values()))
+    assert models.trained_model("mobilenet_v2", **kwargs)[1]["cached"]

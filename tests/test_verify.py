@@ -1,0 +1,127 @@
+"""fusionlib.verify: error measures, nested outputs, verdicts and the report, on real models too."""
+from __future__ import annotations
+
+import copy
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+
+from fusionlib.verify import Comparison, compare_models, compare_outputs, format_report, report
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small inputs gain nothing from a second thread, and on a busy 2-core box two
+    OpenMP threads waiting for each other make every op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_max_abs_and_max_rel_are_relative_to_the_output_scale():
+    a = torch.tensor([[10.0, -20.0], [0.001, 4.0]], dtype=torch.float64)
+    b = a + torch.tensor([[0.0, 0.002], [0.001, -0.001]], dtype=torch.float64)
+    c = compare_outputs(a, b, rtol=1e-4, name="toy")
+    assert c.max_abs == pytest.approx(0.002)
+    assert c.max_rel == pytest.approx(0.002 / 20)  # not 0.001 / 0.001 = 1 element-wise
+    assert c.passed and c.rtol == 1e-4
+    assert not compare_outputs(a, b, rtol=1e-5).passed
+
+
+def test_string_form_and_check():
+    a = torch.ones(3)
+    ok = compare_outputs(a, a + 1e-7, name="fused")
+    assert str(ok).startswith("PASS fused: max abs 1.19e-07, max rel 1.19e-07 (tol 1e-04)")
+    assert ok.check() is ok
+    bad = compare_outputs(a, a * 1.01, name="broken")
+    assert str(bad).startswith("FAIL broken: max abs 0.01")
+    with pytest.raises(AssertionError, match="FAIL broken"):
+        bad.check()
+    assert "FAIL broken" in bad._repr_html_() and str(compare_outputs(a, a)).startswith("PASS:")
+
+
+def test_exact_equality_zero_reference_and_empty():
+    zero = torch.zeros(4)
+    assert compare_outputs(zero, zero).max_rel == 0.0
+    off = compare_outputs(zero, zero + 1e-9)
+    assert off.max_rel == math.inf and not off.passed
+    assert compare_outputs(torch.empty(0, 3), torch.empty(0, 3)).passed
+
+
+def test_nan_fails_and_equal_infinities_do_not():
+    a = torch.tensor([1.0, float("inf")])
+    assert compare_outputs(a, a.clone()).passed
+    nan = compare_outputs(a, torch.tensor([float("nan"), float("inf")]))
+    assert not nan.passed and math.isnan(nan.max_abs)
+
+
+def test_computed_in_float64_across_dtypes():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float16)
+    b = torch.tensor([1.0, 2.001], dtype=torch.float32)
+    assert compare_outputs(a, b).max_abs == pytest.approx(2.001 - 2.0, rel=1e-4)
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 10\).*\(2, 5\)"):
+        compare_outputs(torch.zeros(2, 10), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"\['logits'\]"):
+        compare_outputs({"logits": torch.zeros(2)}, {"logits": torch.zeros(3)})
+
+
+def test_nested_outputs_report_the_worst_leaf():
+    Out = namedtuple("Out", "logits features")
+    ref = {"a": Out(torch.ones(2), torch.ones(3) * 10), "b": [torch.ones(4), torch.ones(1)]}
+    cand = {"b": [torch.ones(4), torch.ones(1) * 1.5], "a": Out(torch.ones(2) * 1.01, torch.ones(3) * 10)}
+    c = compare_outputs(ref, cand, name="nested")
+    assert c.leaves == 4 and c.worst == "['b'][1]"
+    assert c.max_abs == pytest.approx(0.5) and c.max_rel == pytest.approx(0.5) and not c.passed
+    assert "['b'][1]" in str(c)
+
+
+@pytest.mark.parametrize(
+    "ref, cand",
+    [
+        ((torch.ones(1), torch.ones(1)), (torch.ones(1),)),
+        ({"a": torch.ones(1)}, {"b": torch.ones(1)}),
+        (torch.ones(1), [torch.ones(1)]),
+    ],
+)
+def test_structure_mismatch_is_a_value_error(ref, cand):
+    with pytest.raises(ValueError, match="structures differ"):
+        compare_outputs(ref, cand)
+
+
+def test_compare_models_on_resnet18_and_mobilenet_v2():
+    from fusionlib.data import digits_tensors
+    from fusionlib.models import mobilenet_v2, resnet18
+
+    x = digits_tensors()[2][:2]
+    for build in (resnet18, mobilenet_v2):
+        torch.manual_seed(0)
+        model = build().train()
+        same = compare_models(model, copy.deepcopy(model), x, name=build.__name__)
+        assert same.passed and same.max_abs == 0.0
+        assert model.training  # flags restored; and the run was in eval mode:
+        assert all(float(bn.num_batches_tracked) == 0 for bn in model.modules() if hasattr(bn, "num_batches_tracked"))
+        perturbed = copy.deepcopy(model)
+        with torch.no_grad():
+            next(perturbed.parameters()).mul_(1.01)  # the first conv's weights, +1%
+        diff = compare_models(model, perturbed, x, rtol=1e-4)
+        assert not diff.passed and 1e-4 < diff.max_rel < 0.5
+
+
+def test_report_prints_a_table(capsys):
+    a = torch.ones(2)
+    rows = [compare_outputs(a, a, name="resnet18"), compare_outputs(a, a * 2, name="mobilenet_v2")]
+    report(rows[0], [rows[1]])
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert "max abs" in lines[0] and "max rel" in lines[0]
+    assert lines[1].startswith("PASS  resnet18") and lines[2].startswith("FAIL  mobilenet_v2")
+    assert lines[-1] == "1/2 checks passed" and out == format_report(*rows) + "\n"
+    with pytest.raises(TypeError, match="Comparison"):
+        report("not a comparison")
+    assert isinstance(rows[0], Comparison)
