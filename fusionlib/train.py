@@ -39,7 +39,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool, leave: bool):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: no ipywidgets needed, readable in saved notebooks
 
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
 
