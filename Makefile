@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: setup check-env run test unit nbval lab clean
+.PHONY: setup check-env run test unit nbval lab student clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,5 +35,9 @@ nbval: check-env
 lab: check-env
 	$(PY) -m jupyter lab notebooks
 
+# Workshop handout: notebooks with exercise solutions emptied, outputs cleared.
+student: $(STAMP)
+	$(PY) -m fusionlib.editions notebooks student
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs student .pytest_cache
