@@ -1,0 +1,319 @@
+"""Automatic Conv/Linear + BatchNorm folding on a traced graph (no name lists).
+
+In eval mode ``BN(y) = γ·(y − μ)/√(σ²+ε) + β`` is a per-channel affine map, so
+``BN(conv(x))`` is one convolution with ``W' = W·s``, ``b' = (b − μ)·s + β``,
+``s = γ/√(σ²+ε)`` (:func:`fusionlib.fusion.fuse_conv_bn_eval`). With a graph we no
+longer need the names of the pairs: every ``call_module`` BatchNorm node whose input is a
+``call_module`` Conv / ConvTranspose / Linear node is a candidate. A candidate is folded
+only when that is exact:
+
+* the conv's output has no other user (another user would see ``BN(conv(x))`` instead of
+  ``conv(x)`` once the conv holds the folded weights);
+* every call site of a *shared* conv module is followed by the same BatchNorm module (the
+  conv module is replaced, so all its call sites change). A BatchNorm module may be shared
+  freely: folding copies its statistics and never changes it;
+* the BatchNorm has running statistics (``track_running_stats=True``) and matching types /
+  channel counts, and both modules are torch's own classes (a subclass may override
+  ``forward``);
+* no forward hook would change meaning (a hook on the conv would see the BatchNorm output,
+  hooks on the BatchNorm would be lost).
+
+Everything else is left as it was; :class:`FusionReport` says what was folded and why the
+rest was skipped. Functional ``F.batch_norm`` calls are out of scope (left untouched).
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fusionlib.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from fusionlib.fx.tracing import require_eval_mode, set_submodule, symbolic_trace
+
+__all__ = ["FusedPair", "SkippedBatchNorm", "FusionReport", "fuse_conv_bn", "BATCHNORM_TYPES",
+           "count_batchnorm_nodes"]
+
+#: BatchNorm classes this pass folds, by the dimensionality of the layer before it.
+BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+#: Layer type -> the BatchNorm type that may follow it.
+FOLDABLE_PAIRS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: nn.BatchNorm1d,
+    nn.Conv2d: nn.BatchNorm2d,
+    nn.Conv3d: nn.BatchNorm3d,
+    nn.ConvTranspose1d: nn.BatchNorm1d,
+    nn.ConvTranspose2d: nn.BatchNorm2d,
+    nn.ConvTranspose3d: nn.BatchNorm3d,
+    nn.Linear: nn.BatchNorm1d,
+}
+
+
+@dataclass
+class FusedPair:
+    """One folded pair: ``layer`` now holds ``bn``'s affine map (at ``call_sites`` call sites)."""
+
+    layer: str
+    bn: str
+    kind: str
+    call_sites: int = 1
+
+    def __str__(self) -> str:
+        sites = f"  [{self.call_sites} call sites]" if self.call_sites > 1 else ""
+        return f"{self.layer} + {self.bn}  ({self.kind}){sites}"
+
+
+@dataclass
+class SkippedBatchNorm:
+    """A BatchNorm call that stays in the graph: the layer before it (if any), why (``kind``:
+    a short category, ``detail``: the specifics)."""
+
+    bn: str
+    node: str
+    kind: str
+    detail: str
+    layer: str | None = None
+
+    @property
+    def reason(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+    def __str__(self) -> str:
+        pair = f"{self.layer} + {self.bn}" if self.layer else self.bn
+        return f"{pair} (node '{self.node}'): {self.reason}"
+
+
+@dataclass
+class FusionReport:
+    """What :func:`fuse_conv_bn` folded, and every BatchNorm call it left, with the reason."""
+
+    model_name: str
+    fused: list[FusedPair] = field(default_factory=list)
+    skipped: list[SkippedBatchNorm] = field(default_factory=list)
+    batchnorm_calls_before: int = 0
+    batchnorm_calls_after: int = 0
+
+    @property
+    def num_fused(self) -> int:
+        return len(self.fused)
+
+    def reasons(self) -> dict[str, int]:
+        """How many BatchNorm calls were left, by kind of reason."""
+        counts: dict[str, int] = defaultdict(int)
+        for s in self.skipped:
+            counts[s.kind] += 1
+        return dict(counts)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def format(self, max_lines: int = 8) -> str:
+        """The report, listing at most ``max_lines`` fused and skipped entries."""
+        if self.batchnorm_calls_before == 0:
+            return f"FusionReport({self.model_name}): no BatchNorm modules in the graph, nothing to fuse."
+        lines = [f"FusionReport({self.model_name}): fused {self.num_fused} pair(s); "
+                 f"BatchNorm calls {self.batchnorm_calls_before} -> {self.batchnorm_calls_after}"]
+        kinds: dict[str, int] = defaultdict(int)
+        for p in self.fused:
+            kinds[p.kind] += 1
+        if kinds:
+            lines.append("  fused: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()))
+        for p in self.fused[:max_lines]:
+            lines.append(f"    {p}")
+        if len(self.fused) > max_lines:
+            lines.append(f"    ... and {len(self.fused) - max_lines} more")
+        if self.skipped:
+            lines.append(f"  left unfused: {len(self.skipped)}")
+            for s in self.skipped[:max_lines]:
+                lines.append(f"    {s}")
+            if len(self.skipped) > max_lines:
+                lines.append(f"    ... and {len(self.skipped) - max_lines} more "
+                             f"(by reason: {self.reasons()})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- finding pairs
+
+def count_batchnorm_nodes(gm: fx.GraphModule) -> int:
+    """Number of ``call_module`` nodes that run a BatchNorm module (any ``_BatchNorm``)."""
+    modules = dict(gm.named_modules())
+    return sum(1 for n in gm.graph.nodes
+               if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm))
+
+
+def _call_sites(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """Module name -> the ``call_module`` nodes that run it."""
+    sites: dict[str, list[fx.Node]] = defaultdict(list)
+    for n in graph.nodes:
+        if n.op == "call_module":
+            sites[n.target].append(n)
+    return sites
+
+
+def _why_not_foldable(bn_node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """``None`` if ``layer -> bn`` at this node is a foldable pattern, else ``(kind, detail)``."""
+    bn = modules[bn_node.target]
+    if len(bn_node.args) != 1 or bn_node.kwargs:
+        return "extra arguments", "BatchNorm is called with more than its input"
+    producer = bn_node.args[0]
+    if not isinstance(producer, fx.Node) or producer.op != "call_module":
+        what = producer.op if isinstance(producer, fx.Node) else type(producer).__name__
+        target = getattr(producer, "target", "")
+        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        return "no Conv/Linear before it", f"its input comes from {what} '{name}'"
+    layer = modules[producer.target]
+    layer_type = type(layer)
+    if layer_type not in FOLDABLE_PAIRS:
+        base = next((t for t in FOLDABLE_PAIRS if isinstance(layer, t)), None)
+        if base is not None:
+            return "subclass", f"'{producer.target}' is a {layer_type.__name__}, a subclass of {base.__name__} " \
+                               "whose forward may differ"
+        return "no Conv/Linear before it", f"its input comes from '{producer.target}' ({layer_type.__name__})"
+    if type(bn) not in BATCHNORM_TYPES:
+        return "subclass", f"{type(bn).__name__} is not BatchNorm1d/2d/3d; its forward may differ"
+    if FOLDABLE_PAIRS[layer_type] is not type(bn):
+        return "type mismatch", f"{layer_type.__name__} is followed by {type(bn).__name__}"
+    if bn.running_mean is None or bn.running_var is None:
+        return "batch statistics", ("track_running_stats=False: BatchNorm normalizes with batch statistics "
+                                    "in eval mode too")
+    out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    if bn.num_features != out_channels and not (isinstance(layer, nn.Linear) and bn.num_features == 1):
+        return "channel mismatch", f"{out_channels} outputs vs BatchNorm num_features={bn.num_features}"
+    if layer._forward_hooks or bn._forward_hooks or bn._forward_pre_hooks:
+        return "hooks", (f"a forward hook on '{producer.target}' would see the BatchNorm output, and hooks "
+                         f"on '{bn_node.target}' would be lost")
+    other_users = [u.name for u in producer.users if u is not bn_node]
+    if other_users:
+        return "output has other users", (f"the output of '{producer.target}' is also used by {other_users}; "
+                                          "folding would change what they see")
+    return None
+
+
+def _linear_output_not_2d(bn_node: fx.Node) -> bool:
+    """With shapes known (ShapeProp), a Linear -> BatchNorm1d pair folds only on [N, F] outputs.
+
+    BatchNorm1d normalizes dim 1; Linear writes its features to the last dim. The two agree
+    only for 2-D outputs.
+    """
+    meta = bn_node.args[0].meta.get("tensor_meta")
+    return meta is not None and len(meta.shape) != 2
+
+
+@dataclass
+class _Candidate:
+    layer_node: fx.Node
+    bn_node: fx.Node
+
+
+def _plan(gm: fx.GraphModule, modules: dict[str, nn.Module], report: FusionReport
+          ) -> dict[str, list[_Candidate]]:
+    """Group foldable candidates by layer module; record the rest in ``report.skipped``."""
+    by_layer: dict[str, list[_Candidate]] = defaultdict(list)
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm):
+            continue
+        report.batchnorm_calls_before += 1
+        why_not = _why_not_foldable(n, modules)
+        layer_node = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        layer_name = layer_node.target if layer_node is not None and layer_node.op == "call_module" else None
+        if why_not is None and isinstance(modules[layer_name], nn.Linear) and _linear_output_not_2d(n):
+            why_not = ("Linear output not 2-D",
+                       "BatchNorm1d normalizes dim 1, but Linear's features are the last dim")
+        if why_not is not None:
+            report.skipped.append(SkippedBatchNorm(n.target, n.name, *why_not, layer=layer_name))
+            continue
+        by_layer[layer_name].append(_Candidate(layer_node, n))
+    return by_layer
+
+
+def _why_not_shareable(layer_name: str, candidates: list[_Candidate], sites: list[fx.Node]
+                       ) -> tuple[str, str] | None:
+    """A layer module called at several sites folds only if every site feeds the same BatchNorm."""
+    bn_names = sorted({c.bn_node.target for c in candidates})
+    if len(bn_names) > 1:
+        return "shared layer", (f"'{layer_name}' is called at sites followed by different BatchNorms "
+                                f"{bn_names}; one module can hold only one folded BatchNorm")
+    folded_sites = {c.layer_node for c in candidates}
+    others = [s.name for s in sites if s not in folded_sites]
+    if others:
+        return "shared layer", (f"'{layer_name}' is also called at {others} without this BatchNorm after it; "
+                                "folding would change that call")
+    return None
+
+
+def _fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        return fuse_linear_bn_eval(layer, bn)
+    transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    return fuse_conv_bn_eval(layer, bn, transpose=transpose)
+
+
+def fuse_conv_bn(model: nn.Module, inplace: bool = False, *,
+                 example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+                 **trace_kwargs: Any) -> fx.GraphModule:
+    """Trace ``model`` and fold every safe Conv/ConvTranspose/Linear -> BatchNorm pair.
+
+    Returns a ``torch.fx.GraphModule`` computing the same function in eval mode, with the
+    report in ``gm.fusion_report`` (:class:`FusionReport`). Pairs:
+    Conv{1,2,3}d / ConvTranspose{1,2,3}d -> BatchNorm{1,2,3}d and Linear -> BatchNorm1d.
+
+    ``inplace=False`` (default) deep-copies ``model`` first, so the caller's model is never
+    touched. ``inplace=True`` skips the copy: a GraphModule is rewritten in place; another
+    model is traced as is (its structure is not changed, but the result shares the unfused
+    submodules with it). ``example_inputs``: optional; if given, shapes are propagated and a
+    Linear -> BatchNorm1d pair is folded only when the Linear output is 2-D (without them
+    that is assumed, as torch does). ``trace_kwargs`` go to
+    :func:`fusionlib.fx.symbolic_trace` (``concrete_args``, ``leaf_modules``, ...).
+
+    Raises ``ValueError`` for a model in training mode and :class:`FxTraceError` when it
+    cannot be traced. Nothing is half-applied: all folded modules are computed before the
+    graph is changed.
+    """
+    require_eval_mode(model, "fuse_conv_bn", "folding uses BatchNorm's running statistics, which "
+                      "describe the model in eval mode only")
+    name = type(model).__name__
+    if not inplace:
+        model = copy.deepcopy(model)
+    gm = model if isinstance(model, fx.GraphModule) else symbolic_trace(model, **trace_kwargs)
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    modules = dict(gm.named_modules())
+    report = FusionReport(name)
+    sites = _call_sites(gm.graph)
+
+    # 1. decide and compute every folded module before touching the graph
+    planned: list[tuple[str, nn.Module, list[_Candidate]]] = []
+    for layer_name, candidates in _plan(gm, modules, report).items():
+        why_not = _why_not_shareable(layer_name, candidates, sites[layer_name])
+        if why_not is not None:
+            report.skipped.extend(SkippedBatchNorm(c.bn_node.target, c.bn_node.name, *why_not, layer=layer_name)
+                                  for c in candidates)
+            continue
+        bn_name = candidates[0].bn_node.target
+        fused = _fold(modules[layer_name], modules[bn_name])
+        planned.append((layer_name, fused, candidates))
+        kind = f"{type(modules[layer_name]).__name__}+{type(modules[bn_name]).__name__}"
+        report.fused.append(FusedPair(layer_name, bn_name, kind, len(candidates)))
+
+    # 2. rewrite: the layer holds the folded weights, the BatchNorm nodes disappear
+    for layer_name, fused, candidates in planned:
+        set_submodule(gm, layer_name, fused)
+        for c in candidates:
+            c.bn_node.replace_all_uses_with(c.layer_node)
+            gm.graph.erase_node(c.bn_node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    report.batchnorm_calls_after = count_batchnorm_nodes(gm)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    report.skipped.sort(key=lambda s: order.get(s.node, -1))
+    gm.fusion_report = report
+    return gm
