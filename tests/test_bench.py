@@ -13,15 +13,6 @@ from fusionlib import bench
 from fusionlib.env import format_environment
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small inputs gain nothing from a second thread, and on a busy 2-core box two
-    OpenMP threads waiting for each other make every op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class FakeClock:
     """A clock that only moves when a fake workload says so."""

@@ -9,15 +9,6 @@ from sklearn.datasets import load_digits
 from fusionlib import data
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small inputs gain nothing from a second thread, and on a busy 2-core box two
-    OpenMP threads waiting for each other make every op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def digits32():

@@ -27,15 +27,6 @@ matplotlib.use("Agg")
 RTOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread mostly waits for a busy
-    core (the timing step of auto_layout and the zoo then take several times longer)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------- helpers
 

@@ -14,15 +14,6 @@ from fusionlib import data, models
 from fusionlib.verify import compare_outputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small inputs gain nothing from a second thread, and on a busy 2-core box two
-    OpenMP threads waiting for each other make every op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _wait_for_fusion(timeout: float = 600.0):
     """Import fusionlib.fusion; while its file does not exist yet (it was written concurrently), poll."""

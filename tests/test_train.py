@@ -12,15 +12,6 @@ from fusionlib.data import digits_loaders
 from fusionlib.train import evaluate, fit, seed_everything
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small inputs gain nothing from a second thread, and on a busy 2-core box two
-    OpenMP threads waiting for each other make every op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_cnn() -> nn.Module:
     """A ~3k-parameter CNN for 8x8 digits: trains to > 80% in two epochs in well under a second."""

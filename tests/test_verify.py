@@ -11,15 +11,6 @@ import torch
 from fusionlib.verify import Comparison, compare_models, compare_outputs, format_report, report
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small inputs gain nothing from a second thread, and on a busy 2-core box two
-    OpenMP threads waiting for each other make every op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_max_abs_and_max_rel_are_relative_to_the_output_scale():
     a = torch.tensor([[10.0, -20.0], [0.001, 4.0]], dtype=torch.float64)
