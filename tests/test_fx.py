@@ -340,6 +340,34 @@ def test_untraceable_model_error_says_where_and_what_to_try() -> None:
     outputs_close(model, gm, torch.randn(2, 3, 4, 4))
 
 
+class Mirrored(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+        if mirror:  # control flow on a flag: concrete_args fixes it
+            x = x.flip(-1)
+        return self.conv(x)
+
+
+def test_trace_error_puts_the_way_out_that_fits_first() -> None:
+    with pytest.raises(FxTraceError) as info:
+        ffx.symbolic_trace(Mirrored())
+    ways = str(info.value).split("ways out:")[1]
+    assert ways.strip().startswith("1. fix the non-tensor input") and "concrete_args={'mirror': ...}" in ways
+    model = Mirrored().eval()
+    gm = ffx.symbolic_trace(model, concrete_args={"mirror": True})  # the way out it names works
+    x = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(gm(x, True), model(x, mirror=True))
+    assert not torch.allclose(gm(x, True), model(x, mirror=False))
+
+    with pytest.raises(FxTraceError) as info:  # a branch on data: only a leaf module helps
+        ffx.symbolic_trace(DataDependent())
+    ways = str(info.value).split("ways out:")[1]
+    assert ways.strip().startswith("1. make") and "a branch on tensor data needs a leaf module" in ways
+
+
 # --------------------------------------------------------------------------- replace_ops
 
 class ThreeAdds(nn.Module):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import inspect
 import linecache
 import os
 import re
@@ -26,7 +27,7 @@ import sys
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -131,7 +132,18 @@ def _failure_site(exc: BaseException) -> _Failure:
     return _Failure(location, frame.f_globals.get("__name__"))
 
 
-def _hints(exc: BaseException, module_path: str | None, failure: _Failure) -> list[str]:
+def _flag_arguments(model: Any) -> list[str]:
+    """Arguments of ``model``'s forward with a plain default (bool, int, str, None): concrete_args candidates."""
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params
+            if p.default is not inspect.Parameter.empty and isinstance(p.default, (bool, int, str, type(None)))]
+
+
+def _hints(exc: BaseException, module_path: str | None, failure: _Failure, flags: Sequence[str] = ()) -> list[str]:
     """Ways out, most likely first, chosen from the error text and made concrete where we can."""
     text = str(exc)
     if module_path and module_path != "<root>":
@@ -141,8 +153,13 @@ def _hints(exc: BaseException, module_path: str | None, failure: _Failure) -> li
     else:
         leaf = ("make the offending submodule a leaf: symbolic_trace(model, leaf_modules=[TheBlockClass]) "
                 "(a Tracer whose is_leaf_module returns True for it)")
-    concrete = ("fix the input that steers Python control flow to a constant: "
-                "symbolic_trace(model, concrete_args={'flag': False})")
+    if flags:
+        example = ", ".join(f"'{f}': ..." for f in flags)
+        concrete = ("fix the non-tensor input that steers Python control flow to a constant: "
+                    f"symbolic_trace(model, concrete_args={{{example}}})")
+    else:
+        concrete = ("concrete_args fixes a non-tensor input that steers control flow "
+                    "(this forward has none with a plain default; a branch on tensor data needs a leaf module)")
     unsupported = re.search(r"'(\w+)' is not supported in symbolic tracing", text)
     fn = unsupported.group(1) if unsupported else "fn"
     where = f"'{failure.python_module}'" if failure.python_module else "TheCallingModuleOrClass"
@@ -150,7 +167,7 @@ def _hints(exc: BaseException, module_path: str | None, failure: _Failure) -> li
                f"or `with fusionlib.fx.global_wrap({fn}, module={where}): symbolic_trace(model)` "
                "for code you cannot edit")
     if "control flow" in text:
-        return [concrete, leaf, wrapped]
+        return [concrete, leaf, wrapped] if flags else [leaf, concrete, wrapped]
     if unsupported or any(s in text for s in ("len()", "interpreted as an integer", "iterable", "iterate")):
         return [wrapped, leaf, concrete]
     return [leaf, concrete, wrapped]
@@ -181,7 +198,7 @@ def symbolic_trace(model: nn.Module | Callable[..., Any],
                  else f"in the forward of '{name}' itself"]
         if location is not None:
             where.append(f"at {location}")
-        hints = _hints(exc, module_path, failure)
+        hints = _hints(exc, module_path, failure, _flag_arguments(model))
         message = (
             f"torch.fx could not trace '{name}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
             f"  where: {' '.join(where)}\n"
