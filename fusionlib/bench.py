@@ -5,9 +5,13 @@ How :func:`compare_latency` measures, and why:
 * **warm-up** -- each callable runs ``warmup`` times first (allocator,
   oneDNN primitive caches, lazy initialization), untimed;
 * **alternating rounds** -- then ``repeats`` rounds; each round calls every
-  callable once, and the order rotates by one each round (A B C, B C A,
-  C A B, ...), so slow drift of the machine (clock boost, a neighbour's job)
-  spreads over all variants instead of landing on whichever ran last;
+  callable once, in an order that rotates by one each round (A B C, B C A,
+  C A B), so slow drift of the machine (clock boost, a neighbour's job)
+  spreads over all variants instead of landing on whichever ran last; after
+  each full rotation the base order is reshuffled (seeded), so no callable
+  always runs right after the same neighbour (with a fixed rotation, a
+  callable that warms or cools the caches for its successor biased that
+  successor by 2-3%);
 * **medians** -- per callable, the median and the interquartile range (IQR,
   75th - 25th percentile) of its ``repeats`` times; medians ignore the odd
   slow run that a mean would absorb;
@@ -20,6 +24,7 @@ Everything runs under ``torch.inference_mode()``.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from fusionlib.train import eval_mode
 
 
 @dataclass(frozen=True)
@@ -112,10 +119,18 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
-def rotated_order(names: list[str], round_index: int) -> list[str]:
-    """The call order of round ``round_index``: ``names`` rotated left by ``round_index``."""
-    shift = round_index % len(names)
-    return names[shift:] + names[:shift]
+def round_order(names: list[str], round_index: int, seed: int = 0) -> list[str]:
+    """The call order of round ``round_index``: a Latin square per cycle of ``len(names)`` rounds.
+
+    Cycle ``c = round_index // n`` shuffles ``names`` with a generator seeded by
+    ``(seed, c)``; its rounds are that order rotated left by ``round_index % n``.
+    Within a cycle every callable takes every position once; across cycles
+    its predecessor changes.
+    """
+    cycle, shift = divmod(round_index, len(names))
+    base = list(names)
+    random.Random(f"{seed}:{cycle}").shuffle(base)
+    return base[shift:] + base[:shift]
 
 
 def compare_latency(
@@ -149,10 +164,10 @@ def compare_latency(
     times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
         for round_index in range(warmup):
-            for name in rotated_order(names, round_index):
+            for name in round_order(names, round_index):
                 fns[name]()
         for round_index in range(repeats):
-            for name in rotated_order(names, round_index):
+            for name in round_order(names, round_index):
                 start = clock()
                 fns[name]()
                 times[name].append((clock() - start) * 1e3)
@@ -185,12 +200,6 @@ def compare_models_latency(
     for name, model in models.items():
         if not isinstance(model, nn.Module):
             raise TypeError(f"models[{name!r}] is a {type(model).__name__}, not an nn.Module")
-    flags = [(module, module.training) for model in models.values() for module in model.modules()]
     fns = {name: (lambda model=model: model(*args)) for name, model in models.items()}
-    try:
-        for model in models.values():
-            model.eval()
+    with eval_mode(*models.values()):
         return compare_latency(fns, warmup=warmup, repeats=repeats, baseline=baseline, clock=clock)
-    finally:
-        for module, training in flags:
-            module.training = training

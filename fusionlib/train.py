@@ -16,9 +16,10 @@ OpenMP threads wait for each other at every op.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -44,25 +45,38 @@ def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool, l
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
 
 
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode; on exit give every submodule back its own training flag.
+
+    Restoring per submodule (not ``model.train()``) keeps deliberately frozen
+    parts, e.g. a BatchNorm held in eval inside a training model, as they were.
+    Submodules without a ``training`` flag (parts of a frozen TorchScript
+    module) are left alone.
+    """
+    flags = [(m, m.training) for model in models for m in model.modules() if hasattr(m, "training")]
+    try:
+        for module, _ in flags:
+            module.training = False
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy of ``model`` on ``loader`` (batches of ``(x, y)``), in [0, 1].
 
     Runs in eval mode under ``torch.inference_mode()`` and restores every
     module's previous training flag afterwards.
     """
-    flags = [(module, module.training) for module in model.modules()]
     device = _model_device(model)
     correct, total = 0, 0
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                correct += int((model(x).argmax(dim=1) == y).sum())
-                total += int(y.numel())
-    finally:
-        for module, training in flags:
-            module.training = training
+    with eval_mode(model), torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            total += int(y.numel())
     if total == 0:
         raise ValueError("evaluate: the loader yielded no samples")
     return correct / total

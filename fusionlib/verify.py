@@ -24,6 +24,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from fusionlib.train import eval_mode
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -147,16 +149,9 @@ def compare_models(
     is restored afterwards.
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    flags = [(m, m.training) for model in (reference, candidate) for m in model.modules()]
-    try:
-        reference.eval()
-        candidate.eval()
-        with torch.inference_mode():
-            expected = reference(*args)
-            actual = candidate(*args)
-    finally:
-        for module, training in flags:
-            module.training = training
+    with eval_mode(reference, candidate), torch.inference_mode():
+        expected = reference(*args)
+        actual = candidate(*args)
     return compare_outputs(expected, actual, rtol=rtol, name=name)
 
 

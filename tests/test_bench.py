@@ -42,16 +42,30 @@ def workloads(clock: FakeClock, costs_ms: dict[str, list[float]], log: list[str]
     return {name: make(name) for name in costs_ms}
 
 
-def test_call_counts_and_rotating_order():
+def test_call_counts_and_balanced_order():
     clock, log = FakeClock(), []
     fns = workloads(clock, {"a": [1.0], "b": [1.0], "c": [1.0]}, log)
     bench.compare_latency(fns, warmup=2, repeats=4, clock=clock)
     assert len(log) == 3 * (2 + 4) and {n: log.count(n) for n in "abc"} == {"a": 6, "b": 6, "c": 6}
     rounds = [log[i : i + 3] for i in range(0, len(log), 3)]
-    # Each round calls every callable once; the order rotates by one every round.
-    assert rounds[2:] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    # Each round calls every callable once, in the order round_order gives.
+    assert rounds[2:] == [bench.round_order(list("abc"), r) for r in range(4)]
     assert all(sorted(r) == list("abc") for r in rounds)
-    assert bench.rotated_order(list("abcd"), 5) == list("bcda")
+
+
+def test_round_order_is_a_latin_square_per_cycle_with_changing_neighbours():
+    names = list("abcd")
+    orders = [bench.round_order(names, r) for r in range(4 * 25)]
+    assert orders == [bench.round_order(names, r) for r in range(4 * 25)]  # seeded: reproducible
+    for cycle in range(25):
+        block = orders[4 * cycle : 4 * cycle + 4]
+        for position in range(4):
+            assert sorted(order[position] for order in block) == names  # each name once per position
+        assert block[1] == block[0][1:] + block[0][:1]  # rotation within the cycle
+    predecessors = {n: {o[o.index(n) - 1] for o in orders if o.index(n) > 0} for n in names}
+    assert all(len(p) == 3 for p in predecessors.values()), predecessors  # no fixed neighbour
+    two = [bench.round_order(["x", "y"], r) for r in range(10)]
+    assert all(two[i][0] != two[i + 1][0] for i in range(0, 10, 2))  # a pair alternates within each cycle
 
 
 def test_medians_iqr_and_speedups_from_a_fake_clock():

@@ -104,6 +104,25 @@ def test_compare_models_on_resnet18_and_mobilenet_v2():
         assert not diff.passed and 1e-4 < diff.max_rel < 0.5
 
 
+def test_compare_models_and_latency_accept_a_frozen_torchscript_model():
+    """Frozen TorchScript submodules have no training flag: eval_mode must skip them, not crash."""
+    import warnings
+
+    from fusionlib.bench import compare_models_latency
+    from fusionlib.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream
+        frozen = torch.jit.freeze(torch.jit.script(copy.deepcopy(model)))
+    result = compare_models(model, frozen, x, rtol=1e-4)
+    assert result.passed and result.max_rel < 1e-4
+    table = compare_models_latency({"eager": model, "frozen": frozen}, x, warmup=0, repeats=1)
+    assert [row.name for row in table.rows] == ["eager", "frozen"]
+
+
 def test_report_prints_a_table(capsys):
     a = torch.ones(2)
     rows = [compare_outputs(a, a, name="resnet18"), compare_outputs(a, a * 2, name="mobilenet_v2")]
