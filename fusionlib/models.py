@@ -39,7 +39,8 @@ from typing import Any, Callable
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.mobilenetv2 import MobileNetV2
+from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
+from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 #: Bump when a builder, the data pipeline or the training recipe changes, so
@@ -121,12 +122,20 @@ def _resnet_groups(model: ResNet) -> list[list[str]]:
         groups.append(["conv1", "bn1", "relu"] if isinstance(model.relu, nn.ReLU) else ["conv1", "bn1"])
     for name, block in model.named_modules():
         if isinstance(block, (BasicBlock, Bottleneck)):
-            for k in (1, 2, 3):
-                conv, bn = getattr(block, f"conv{k}", None), getattr(block, f"bn{k}", None)
-                if conv is not None and _is_conv_bn(conv, bn):
-                    groups.append([f"{name}.conv{k}", f"{name}.bn{k}"])
-            if isinstance(block.downsample, nn.Sequential):
-                groups += _sequential_conv_bn_groups(block.downsample, prefix=f"{name}.downsample")
+            groups += _residual_block_groups(block, prefix=name)
+    return groups
+
+
+def _residual_block_groups(block: BasicBlock | Bottleneck, prefix: str = "") -> list[list[str]]:
+    """``[convK, bnK]`` for K = 1, 2 (, 3) and ``[downsample.0, downsample.1]`` of one block."""
+    dot = f"{prefix}." if prefix else ""
+    groups = []
+    for k in (1, 2, 3):
+        conv, bn = getattr(block, f"conv{k}", None), getattr(block, f"bn{k}", None)
+        if conv is not None and _is_conv_bn(conv, bn):
+            groups.append([f"{dot}conv{k}", f"{dot}bn{k}"])
+    if isinstance(block.downsample, nn.Sequential):
+        groups += _sequential_conv_bn_groups(block.downsample, prefix=f"{dot}downsample")
     return groups
 
 
@@ -160,14 +169,22 @@ def fusion_groups(model: nn.Module) -> list[list[str]]:
     "features.i.conv.k+1"]``. ReLU6 is not in the fusable set, so it stays.
     Standard MobileNetV2: 1 + 2 + 16 * 3 + 1 = 52 groups.
 
+    Their building blocks work on their own too (names then relative to the
+    block): a ``BasicBlock`` / ``Bottleneck`` gives its conv-bn pairs and its
+    downsample; a ``Conv2dNormActivation`` (MobileNetV2's ConvBNReLU) or an
+    ``InvertedResidual`` gives its conv-bn pairs.
+
     Raises ``TypeError`` for any other architecture.
     """
     if isinstance(model, ResNet):
         return _resnet_groups(model)
-    if isinstance(model, MobileNetV2):
+    if isinstance(model, (BasicBlock, Bottleneck)):
+        return _residual_block_groups(model)
+    if isinstance(model, (MobileNetV2, Conv2dNormActivation, InvertedResidual)):
         return _sequential_conv_bn_groups(model)
     raise TypeError(
-        f"fusion_groups knows torchvision ResNet and MobileNetV2, not {type(model).__name__}; "
+        f"fusion_groups knows torchvision ResNet and MobileNetV2 and their blocks (BasicBlock, Bottleneck, "
+        f"Conv2dNormActivation, InvertedResidual), not {type(model).__name__}; "
         "pass explicit groups to fusionlib.fusion.fuse_modules, or use fusionlib.fx.fuse_conv_bn."
     )
 

@@ -132,6 +132,27 @@ def test_groups_are_found_by_walking_any_width_or_depth():
     _check_group_types(wide, models.fusion_groups(wide))
 
 
+def test_fuse_model_on_bare_blocks():
+    """BasicBlock, ConvBNReLU (Conv2dNormActivation) and InvertedResidual fuse on their own."""
+    torch.manual_seed(0)
+    resnet = _randomize_batchnorm(models.resnet18()).eval()
+    mobilenet = _randomize_batchnorm(models.mobilenet_v2()).eval()
+    cases = [  # block, expected groups (names relative to the block), input
+        (resnet.layer2[0], [["conv1", "bn1"], ["conv2", "bn2"], ["downsample.0", "downsample.1"]], (2, 64, 8, 8)),
+        (mobilenet.features[0], [["0", "1"]], (2, 3, 16, 16)),
+        (mobilenet.features[2], [["conv.0.0", "conv.0.1"], ["conv.1.0", "conv.1.1"], ["conv.2", "conv.3"]],
+         (2, 16, 8, 8)),
+    ]
+    for block, expected, shape in cases:
+        assert models.fusion_groups(block) == expected
+        fused = models.fuse_model(block)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            result = compare_outputs(block(x), fused(x), rtol=1e-4, name=type(block).__name__)
+        assert result.passed, str(result)
+
+
 def test_unknown_architecture_is_a_type_error_naming_it():
     class TinyNet(nn.Sequential):
         pass
