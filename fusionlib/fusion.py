@@ -189,6 +189,21 @@ def _scale_output_channels(weight: torch.Tensor, scale: torch.Tensor, transpose:
     return (grouped * grouped_scale).reshape(weight.shape)
 
 
+def _as_parameters(
+    fused_w: torch.Tensor, fused_b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """Round the folded tensors back to the layer's dtypes, as Parameters.
+
+    The weight keeps ``weight``'s dtype and ``requires_grad``; the bias those of
+    ``bias``, or of the weight when the layer had no bias.
+    """
+    like = weight if bias is None else bias
+    return (
+        nn.Parameter(fused_w.to(weight.dtype), weight.requires_grad),
+        nn.Parameter(fused_b.to(like.dtype), like.requires_grad),
+    )
+
+
 def fuse_conv_bn_weights(
     conv_w: torch.Tensor,
     conv_b: torch.Tensor | None,
@@ -218,12 +233,7 @@ def fuse_conv_bn_weights(
         bias = torch.zeros_like(scale) if conv_b is None else conv_b.detach().to(dtype)
         fused_w = _scale_output_channels(conv_w.detach().to(dtype), scale, transpose)
         fused_b = (bias - bn_rm.to(dtype)) * scale + beta
-    bias_dtype = conv_w.dtype if conv_b is None else conv_b.dtype
-    bias_grad = conv_w.requires_grad if conv_b is None else conv_b.requires_grad
-    return (
-        nn.Parameter(fused_w.to(conv_w.dtype), conv_w.requires_grad),
-        nn.Parameter(fused_b.to(bias_dtype), bias_grad),
-    )
+    return _as_parameters(fused_w, fused_b, conv_w, conv_b)
 
 
 def fuse_linear_bn_weights(
@@ -257,12 +267,7 @@ def fuse_linear_bn_weights(
         bias = weight.new_zeros(out_features) if linear_b is None else linear_b.detach().to(dtype)
         fused_w = weight * scale.unsqueeze(-1)
         fused_b = (bias - bn_rm.to(dtype)) * scale + beta
-    bias_dtype = linear_w.dtype if linear_b is None else linear_b.dtype
-    bias_grad = linear_w.requires_grad if linear_b is None else linear_b.requires_grad
-    return (
-        nn.Parameter(fused_w.to(linear_w.dtype), linear_w.requires_grad),
-        nn.Parameter(fused_b.to(bias_dtype), bias_grad),
-    )
+    return _as_parameters(fused_w, fused_b, linear_w, linear_b)
 
 
 # --------------------------------------------------------------------------
