@@ -97,6 +97,22 @@ class RunResult:
     error: str = ""
 
 
+def _ipc_kernel_manager_class():
+    """A kernel manager whose kernels talk over local IPC sockets instead of TCP ports.
+
+    Kernels started for a run live on this machine only; IPC opens no port and
+    spares every run the kernel's "running over TCP without encryption" warning.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+
+    return IpcKernelManager
+
+
 def run_notebook(
     notebook: str | Path,
     output: str | Path,
@@ -119,6 +135,7 @@ def run_notebook(
             kernel_name=kernel_name,
             cwd=str(notebook.parent),
             progress_bar=False,
+            kernel_manager_class=_ipc_kernel_manager_class(),
         )
     except Exception as exc:  # papermill raises PapermillExecutionError and friends
         status = "failed"
