@@ -86,6 +86,7 @@ def _leaf_errors(path: str, a: Any, b: Any) -> tuple[float, float]:
             return 0.0, 0.0
         else:
             raise ValueError(f"Cannot compare {type(a).__name__} with {type(b).__name__}{where}: expected tensors.")
+    a, b = (t.to_dense() if t.is_mkldnn else t for t in (a, b))  # MKLDNN layout: compare values
     if a.shape != b.shape:
         raise ValueError(f"Shape mismatch{where}: reference {tuple(a.shape)} vs candidate {tuple(b.shape)}.")
     if a.numel() == 0:

@@ -135,3 +135,11 @@ def test_report_prints_a_table(capsys):
     with pytest.raises(TypeError, match="Comparison"):
         report("not a comparison")
     assert isinstance(rows[0], Comparison)
+
+
+def test_mkldnn_tensors_are_compared_by_value():
+    x = torch.randn(1, 4, 5, 5)
+    same = compare_outputs(x, x.to_mkldnn())
+    assert same.passed and same.max_abs == 0.0
+    off = compare_outputs(x, (x + 0.5 * x.abs().max()).to_mkldnn())
+    assert not off.passed and off.max_rel == pytest.approx(0.5)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -35,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fusionlib.bench import compare_latency
 from fusionlib.fx.tracing import set_submodule
 
 __all__ = [
@@ -330,20 +329,6 @@ def _mkldnn_pays_statically(gm: fx.GraphModule) -> tuple[bool, str]:
                   f"with {conversions} layout conversions")
 
 
-def _median_seconds(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
-    """Alternate the candidates run by run (so load drifts hit all alike); medians."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def choose_layout(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None,
                   candidates: Sequence[str] = ("mkldnn", "channels_last", "dense"),
                   warmup: int = 1, repeats: int = 5) -> str:
@@ -368,9 +353,9 @@ def choose_layout(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | N
             version = copy.deepcopy(gm)
             LAYOUTS[name](version)
             versions[name] = version
-        with torch.inference_mode():
-            medians = _median_seconds({k: (lambda v=v: v(*example_inputs)) for k, v in versions.items()},
-                                      warmup, repeats)
+        table = compare_latency({k: (lambda v=v: v(*example_inputs)) for k, v in versions.items()},
+                                warmup=warmup, repeats=repeats)
+        medians = {row.name: row.median_ms / 1e3 for row in table.rows}
         choice = min(medians, key=medians.get)
         detail = "measured " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in medians.items())
     summary = LAYOUTS[choice](gm)

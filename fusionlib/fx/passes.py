@@ -33,6 +33,7 @@ from torch import nn
 from fusionlib.fx.fusion import fuse_conv_bn
 from fusionlib.fx.layout import choose_layout, to_channels_last, to_mkldnn
 from fusionlib.fx.tracing import callable_name, require_eval_mode, set_submodule, symbolic_trace
+from fusionlib.verify import compare_outputs
 
 __all__ = [
     "replace_ops",
@@ -257,26 +258,9 @@ class OptimizationReport:
         return "\n".join(lines)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    fx.node.map_aggregate(value, lambda v: found.append(v) if isinstance(v, torch.Tensor) else None)
-    return found
-
-
 def max_relative_error(reference: Any, candidate: Any) -> float:
-    """``max|a − b| / max|a|`` over all tensors of two (nested) outputs."""
-    refs, cands = _tensors(reference), _tensors(candidate)
-    if len(refs) != len(cands):
-        raise ValueError(f"outputs differ in structure: {len(refs)} vs {len(cands)} tensors")
-    worst_diff, scale = 0.0, 0.0
-    for a, b in zip(refs, cands):
-        a = a.to_dense() if a.is_mkldnn else a
-        b = b.to_dense() if b.is_mkldnn else b
-        if a.shape != b.shape:
-            raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-        worst_diff = max(worst_diff, (a.double() - b.double()).abs().max().item() if a.numel() else 0.0)
-        scale = max(scale, a.double().abs().max().item() if a.numel() else 0.0)
-    return worst_diff / scale if scale > 0 else worst_diff
+    """``max|a − b| / max|a|`` of the worst tensor of two (nested) outputs (:func:`fusionlib.verify.compare_outputs`)."""
+    return compare_outputs(reference, candidate).max_rel
 
 
 def _resolve_pass(p: str | Callable[[fx.GraphModule], Any], example_inputs: tuple[Any, ...] | None
