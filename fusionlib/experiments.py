@@ -3,9 +3,18 @@
 A notebook publishes a figure with :func:`record` (``record("max_rel_error", 3e-7)``).
 The figure is stored as a notebook output with its own MIME type (the way
 scrapbook's ``glue`` does it), so any executed notebook can be read back with
-:func:`read_records`. :func:`run_notebooks` executes notebooks with papermill into
-``runs/<timestamp>/`` and collects status, seconds and figures into one table;
-:func:`sweep` does the same for the cartesian product of parameter values.
+:func:`read_records`. Records are scalars. A speed-up is recorded with
+:func:`record_speedup` as three sibling scalars: ``<name>`` (the paired ratio),
+``<name>_lo`` and ``<name>_hi`` (its interval). A non-finite float (NaN, inf)
+is stored as JSON ``null`` with a ``"nonfinite"`` tag (JSON has no NaN) and read
+back as the float it was.
+
+:func:`run_notebooks` executes notebooks with papermill into ``runs/<timestamp>/``
+and collects status, seconds and figures into ``summary.csv`` (every figure, one
+column each) and ``summary.md`` (every figure, one table per run); the printed
+summary (:func:`format_summary`) fits 120 columns and shows the headline figures
+only (see :func:`headline_figures`). :func:`sweep` does the same for the
+cartesian product of parameter values.
 
 Command line (what ``make run`` calls)::
 
@@ -19,11 +28,17 @@ import csv
 import datetime as _dt
 import itertools
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from fusionlib.display import format_table, progress
 
 MIMETYPE = "application/vnd.fusionlib.record+json"
 
@@ -50,37 +65,101 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"record() needs a non-empty string name, got {name!r}")
+
+
+def _encode(name: str, value: Any) -> dict[str, Any]:
+    """The MIME payload of one record; a non-finite float becomes ``null`` plus a ``nonfinite`` tag."""
+    value = _plain(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"name": name, "value": None, "nonfinite": repr(value)}  # 'nan', 'inf', '-inf'
+    try:
+        json.dumps(value, allow_nan=False)  # fail here, not when the notebook is saved
+    except ValueError as exc:
+        raise ValueError(f"record {name!r}: {value!r} holds a non-finite number; record scalars") from exc
+    except TypeError as exc:
+        raise TypeError(f"record {name!r}: a {type(value).__name__} is not JSON-serializable; "
+                        "record a number, a string or a bool") from exc
+    return {"name": name, "value": value}
+
+
+def _decode(item: dict[str, Any]) -> Any:
+    if item.get("nonfinite"):
+        return float(item["nonfinite"])
+    return item.get("value")
+
+
+def _text(name: str, value: Any) -> str:
+    return f"{name} = {value:.6g}" if isinstance(value, float) else f"{name} = {value}"
+
+
+def _publish(items: list[dict[str, Any]], text: str) -> None:
+    """Keep the records in ``RECORDED``; show them as one output (a notebook) or print ``text``."""
+    for item in items:
+        RECORDED[item["name"]] = _decode(item)
+    if _in_notebook_kernel():
+        from IPython.display import display
+
+        payload = items[0] if len(items) == 1 else items
+        display({MIMETYPE: payload, "text/plain": text}, raw=True)
+    else:
+        print(text)
+
+
 def record(name: str, value: Any) -> None:
     """Publish a key figure of this notebook (an error, a ratio, an accuracy).
 
     In a notebook it becomes an output with MIME type ``MIMETYPE`` (read back by
     :func:`read_records`) and shows as ``name = value``; elsewhere it is printed
-    and kept in ``RECORDED``.
+    and kept in ``RECORDED``. NaN and infinities are stored as JSON ``null``
+    tagged ``"nonfinite": "nan"`` (or ``"inf"``, ``"-inf"``) and read back as
+    floats; a value JSON cannot hold raises ``TypeError`` naming the record.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"record() needs a non-empty string name, got {name!r}")
-    value = _plain(value)
-    json.dumps(value)  # fail here, not when the notebook is saved
-    RECORDED[name] = value
-    text = f"{name} = {value:.6g}" if isinstance(value, float) else f"{name} = {value}"
-    if _in_notebook_kernel():
-        from IPython.display import display
+    _check_name(name)
+    item = _encode(name, value)
+    _publish([item], _text(name, _decode(item)))
 
-        display({MIMETYPE: {"name": name, "value": value}, "text/plain": text}, raw=True)
-    else:
-        print(text)
+
+def record_speedup(name: str, speedup: Any, row: str | None = None) -> None:
+    """Record a speed-up and its interval as the scalars ``<name>``, ``<name>_lo`` and ``<name>_hi``.
+
+    ``speedup`` is a :class:`fusionlib.bench.LatencyTable` with ``row`` the
+    name of the measured row (``record_speedup("speedup_resnet18", table,
+    "resnet18 folded")``), or a :class:`fusionlib.bench.Speedup` (no ``row``).
+    Shows as one line: ``speedup_resnet18 = 1.44 (interval 1.40-1.49)``.
+    """
+    _check_name(name)
+    if hasattr(speedup, "interval") and callable(speedup.interval):  # a LatencyTable
+        if row is None:
+            raise ValueError(f"record_speedup({name!r}, table): name the table row to record, "
+                             f"e.g. row={speedup.rows[-1].name!r}")
+        speedup = speedup.interval(row)
+    elif row is not None:
+        raise ValueError(f"record_speedup({name!r}): row={row!r} needs a LatencyTable, got {type(speedup).__name__}")
+    if not all(hasattr(speedup, attr) for attr in ("ratio", "lo", "hi")):
+        raise TypeError(f"record_speedup({name!r}) takes a LatencyTable and a row name, or a Speedup; "
+                        f"got {type(speedup).__name__}")
+    items = [_encode(name, speedup.ratio), _encode(f"{name}_lo", speedup.lo), _encode(f"{name}_hi", speedup.hi)]
+    ratio, lo, hi = (_decode(item) for item in items)
+    _publish(items, f"{name} = {ratio:.4g} (interval {lo:.4g}-{hi:.4g})")
 
 
 def read_records(notebook: str | Path | dict) -> dict[str, Any]:
-    """The figures a notebook recorded, in order (a later record of a name wins)."""
+    """The figures a notebook recorded, in order (a later record of a name wins).
+
+    Non-finite figures come back as ``float("nan")`` / ``float("inf")``.
+    """
     nb = notebook if isinstance(notebook, dict) else json.loads(Path(notebook).read_text())
     found: dict[str, Any] = {}
     for cell in nb.get("cells", []):
         for out in cell.get("outputs", []):
             data = out.get("data", {})
             if MIMETYPE in data:
-                item = data[MIMETYPE]
-                found[item["name"]] = item["value"]
+                payload = data[MIMETYPE]
+                for item in payload if isinstance(payload, list) else [payload]:
+                    found[item["name"]] = _decode(item)
     return found
 
 
@@ -97,18 +176,24 @@ class RunResult:
     error: str = ""
 
 
-def _ipc_kernel_manager_class():
-    """A kernel manager whose kernels talk over local IPC sockets instead of TCP ports.
+def _ipc_kernel_manager_class(socket_dir: str | Path):
+    """A kernel manager whose kernels talk over local IPC sockets in ``socket_dir``, not TCP ports.
 
     Kernels started for a run live on this machine only; IPC opens no port and
     spares every run the kernel's "running over TCP without encryption" warning.
+    The sockets live in ``socket_dir`` (an absolute path): by default they would
+    be created in the kernel's working directory (the notebooks' folder), where
+    two concurrent runs race for the same ``kernel-ipc-N`` names.
     """
     from jupyter_client.manager import AsyncKernelManager
+
+    ip = os.path.join(os.path.abspath(socket_dir), "kernel-ipc")
 
     class IpcKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.transport = "ipc"
+            self.ip = ip
 
     return IpcKernelManager
 
@@ -127,6 +212,7 @@ def run_notebook(
     parameters = dict(parameters or {})
     start = time.perf_counter()
     status, error = "ok", ""
+    socket_dir = tempfile.mkdtemp(prefix="fusionlib-ipc-")  # private to this run; removed below
     try:
         pm.execute_notebook(
             str(notebook),
@@ -135,11 +221,13 @@ def run_notebook(
             kernel_name=kernel_name,
             cwd=str(notebook.parent),
             progress_bar=False,
-            kernel_manager_class=_ipc_kernel_manager_class(),
+            kernel_manager_class=_ipc_kernel_manager_class(socket_dir),
         )
     except Exception as exc:  # papermill raises PapermillExecutionError and friends
         status = "failed"
         error = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     records = read_records(output) if output.exists() else {}
     return RunResult(notebook.name, str(output), status, seconds, parameters, records, error)
@@ -158,9 +246,7 @@ def new_run_dir(root: str | Path = "runs") -> Path:
 
 
 def _progress(items: Sequence, desc: str):
-    from tqdm import tqdm  # plain text bars: no ipywidgets needed, readable in saved notebooks
-
-    return tqdm(items, desc=desc, unit="nb")
+    return progress(items, total=len(items), desc=desc, unit="nb")
 
 
 def run_notebooks(
@@ -230,36 +316,91 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with aligned columns."""
-    cells = [[str(h) for h in header]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+#: Records whose names start with one of these are a run's headline figures.
+HEADLINE_PREFIXES = ("speedup", "max_rel_error", "test_accuracy", "accuracy")
+#: At most this many headline figures per run in the printed summary.
+HEADLINE_COUNT = 3
+#: Width of the printed summary.
+SUMMARY_WIDTH = 120
 
 
-def format_summary(results: Sequence[RunResult]) -> str:
-    """One line per notebook: status, seconds, and its figures as name=value (long form)."""
-    header = ["notebook", "status", "seconds", "key figures"]
-    rows = []
+def headline_figures(records: dict[str, Any], count: int = HEADLINE_COUNT) -> list[str]:
+    """Up to ``count`` figures as ``"name = value"`` text, for the printed summary.
+
+    The headline figures are the first ``count`` records (in recording order)
+    whose names start with one of ``HEADLINE_PREFIXES`` (speed-ups, errors,
+    accuracies); a run with none shows its first ``count`` records. A speed-up
+    shows its ``_lo`` / ``_hi`` siblings as ``1.44 [1.40-1.49]``. Every record
+    is in ``summary.csv`` and ``summary.md``.
+    """
+    siblings = {n for n in records if n.endswith(("_lo", "_hi")) and n[:-3] in records}
+    names = [n for n in records if n not in siblings]
+    chosen = [n for n in names if n.startswith(HEADLINE_PREFIXES)] or names
+    lines = []
+    for n in chosen[:count]:
+        text = f"{n} = {_cell(records[n])}"
+        if f"{n}_lo" in records and f"{n}_hi" in records:
+            text += f" [{_cell(records[n + '_lo'])}-{_cell(records[n + '_hi'])}]"
+        lines.append(text)
+    if len(names) > len(lines):
+        lines.append(f"(+{len(names) - len(lines)} more in summary.csv)")
+    return lines
+
+
+def _run_label(r: RunResult) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in r.parameters.items())
+    return f"{r.notebook} [{params}]" if params else r.notebook
+
+
+def _status(r: RunResult) -> str:
+    return r.status if r.status == "ok" else f"FAILED ({r.error})"
+
+
+def format_summary(results: Sequence[RunResult], width: int = SUMMARY_WIDTH) -> str:
+    """One row per run: notebook [parameters], status, seconds and its headline figures.
+
+    Long cells wrap so that no line is wider than ``width`` (>= 80) characters;
+    :func:`headline_figures` says which figures are shown.
+    """
+    if width < 80:
+        raise ValueError(f"format_summary needs width >= 80, got {width!r}")
+    name_w, status_w = 28, 24
+    figures_w = width - name_w - status_w - 9 - 3 * 2  # "seconds" is 9 wide, two spaces between columns
+    rows = [[_run_label(r), _status(r), round(r.seconds, 1), "\n".join(headline_figures(r.records))]
+            for r in results]
+    while True:  # a seconds column wider than 9 (runs over 27 hours) takes its width from the figures
+        text = format_table(["notebook", "status", "seconds", "headline figures"], rows,
+                            floatfmt=("", "", ".1f", ""), maxcolwidths=[name_w, status_w, None, figures_w])
+        excess = max(len(line) for line in text.splitlines()) - width
+        if excess <= 0 or figures_w <= 20:
+            return text
+        figures_w -= excess
+
+
+def format_full_summary(results: Sequence[RunResult]) -> str:
+    """Markdown: the printed summary, then every run's parameters and figures in a table of its own."""
+    parts = ["# Run summary", "", "```text", format_summary(results), "```"]
     for r in results:
-        figures = ", ".join(f"{k}={_cell(v)}" for k, v in r.records.items())
-        params = ", ".join(f"{k}={v}" for k, v in r.parameters.items())
-        name = f"{r.notebook} [{params}]" if params else r.notebook
-        rows.append([name, r.status if r.status == "ok" else f"FAILED ({r.error})", round(r.seconds, 1), figures])
-    return format_table(header, rows)
+        parts += ["", f"## {_run_label(r)}", "",
+                  f"{_status(r)}, {r.seconds:.1f} s, executed notebook: `{r.output}`", ""]
+        rows = [[f"parameter {k}", _cell(v)] for k, v in r.parameters.items()]
+        rows += [[k, _cell(v)] for k, v in r.records.items()]
+        if rows:
+            parts += ["```text", format_table(["name", "value"], rows, colalign=("left", "left")), "```"]
+        else:
+            parts.append("(no figures recorded)")
+    return "\n".join(parts) + "\n"
 
 
 def write_summary(results: Sequence[RunResult], out_dir: str | Path) -> None:
-    """``summary.csv`` (one column per parameter and figure) and ``summary.md``."""
+    """``summary.csv`` (one column per parameter and figure) and ``summary.md`` (:func:`format_full_summary`)."""
     out_dir = Path(out_dir)
     header, rows = results_table(results)
     with open(out_dir / "summary.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    (out_dir / "summary.md").write_text(format_summary(results) + "\n")
+    (out_dir / "summary.md").write_text(format_full_summary(results))
 
 
 def load_summary(run_dir: str | Path) -> list[dict[str, str]]:
@@ -319,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nexecuted notebooks and summary.csv / summary.md in {out}/")
     failed = [r for r in results if r.status != "ok"]
     if failed:
-        print(f"{len(failed)} of {len(results)} notebook run(s) FAILED: " + ", ".join(r.notebook for r in failed), file=sys.stderr)
+        print(f"{len(failed)} of {len(results)} notebook run(s) FAILED: " + ", ".join(r.notebook for r in failed),
+              file=sys.stderr)
         return 1
     return 0
 

@@ -24,7 +24,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from fusionlib.train import eval_mode
+from fusionlib.display import format_table
+from fusionlib.modules import eval_mode
 
 
 @dataclass(frozen=True)
@@ -171,14 +172,12 @@ def _flatten(items: Iterable[Any]) -> list[Comparison]:
 def format_report(*comparisons: Comparison | Iterable[Comparison]) -> str:
     """A small table: status, name, max abs, max rel, tolerance; then ``k/n checks passed``."""
     rows = _flatten(comparisons)
-    width = max([len("name")] + [len(c.name) for c in rows])
-    lines = [f"{'':4}  {'name':<{width}}  {'max abs':>9}  {'max rel':>9}  {'tol':>7}"]
-    for c in rows:
-        status = "PASS" if c.passed else "FAIL"
-        lines.append(f"{status:4}  {c.name:<{width}}  {c.max_abs:>9.2e}  {c.max_rel:>9.2e}  {c.rtol:>7.0e}")
+    table = format_table(
+        ["", "name", "max abs", "max rel", "tol"],
+        [["PASS" if c.passed else "FAIL", c.name, c.max_abs, c.max_rel, c.rtol] for c in rows],
+        floatfmt=("", "", ".2e", ".2e", ".0e"), colalign=("left", "left", "right", "right", "right"))
     failed = sum(not c.passed for c in rows)
-    lines.append(f"{len(rows) - failed}/{len(rows)} checks passed")
-    return "\n".join(lines)
+    return f"{table}\n{len(rows) - failed}/{len(rows)} checks passed"
 
 
 def report(*comparisons: Comparison | Iterable[Comparison]) -> None:

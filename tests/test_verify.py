@@ -8,7 +8,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from fusionlib.verify import Comparison, compare_models, compare_outputs, format_report, report
+from fusionlib.verify import compare_models, compare_outputs, format_report, report
 
 
 
@@ -124,17 +124,20 @@ def test_compare_models_and_latency_accept_a_frozen_torchscript_model():
 
 
 def test_report_prints_a_table(capsys):
-    a = torch.ones(2)
-    rows = [compare_outputs(a, a, name="resnet18"), compare_outputs(a, a * 2, name="mobilenet_v2")]
+    a = torch.tensor([1.0, -4.0])
+    rows = [compare_outputs(a, a, name="resnet18"), compare_outputs(a, a * 1.5, name="mobilenet_v2")]
+    assert (rows[0].max_abs, rows[0].max_rel) == (0.0, 0.0)
+    assert rows[1].max_abs == pytest.approx(2.0) and rows[1].max_rel == pytest.approx(0.5)  # |-6 - -4| / 4
     report(rows[0], [rows[1]])
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
-    assert "max abs" in lines[0] and "max rel" in lines[0]
-    assert lines[1].startswith("PASS  resnet18") and lines[2].startswith("FAIL  mobilenet_v2")
+    assert "name" in lines[0] and "max abs" in lines[0] and "max rel" in lines[0] and "tol" in lines[0]
+    assert set(lines[1]) <= {"-", " "}
+    assert lines[2].split() == ["PASS", "resnet18", "0.00e+00", "0.00e+00", "1e-04"]
+    assert lines[3].split() == ["FAIL", "mobilenet_v2", "2.00e+00", "5.00e-01", "1e-04"]
     assert lines[-1] == "1/2 checks passed" and out == format_report(*rows) + "\n"
     with pytest.raises(TypeError, match="Comparison"):
         report("not a comparison")
-    assert isinstance(rows[0], Comparison)
 
 
 def test_mkldnn_tensors_are_compared_by_value():
