@@ -24,6 +24,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from fusionlib.display import format_table
+from fusionlib.modules import eval_mode
+
 #: Layers :func:`layer_table` measures. Other modules (ReLU, pooling, ...) are
 #: cheap or parameter-free and are not listed.
 COUNTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -236,15 +239,6 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
-def _format_columns(header: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
-
-
 class LayerTable:
     """Rows of :class:`LayerRow` for one model and input, with totals.
 
@@ -316,12 +310,12 @@ class LayerTable:
         return totals
 
     def format_by_kind(self) -> str:
-        """The :meth:`by_kind` split as a text table with a total line."""
+        """The :meth:`by_kind` split as a text table with a total line (shares in percent)."""
         header = ["kind", "layers", "params", "params %", "MACs", "MACs %"]
-        rows = [[t.kind, str(t.layers), _human(t.params), f"{100 * t.params_share:.1f}",
-                 _human(t.macs), f"{100 * t.macs_share:.1f}"] for t in self.by_kind().values()]
-        rows.append(["total", str(len(self)), _human(self.total_params), "100.0", _human(self.total_macs), "100.0"])
-        return "\n".join(_format_columns(header, rows, right={1, 2, 3, 4, 5}))
+        rows = [[t.kind, t.layers, _human(t.params), 100 * t.params_share, _human(t.macs), 100 * t.macs_share]
+                for t in self.by_kind().values()]
+        rows.append(["total", len(self), _human(self.total_params), 100.0, _human(self.total_macs), 100.0])
+        return format_table(header, rows, floatfmt=".1f", colalign=["left"] + ["right"] * 5)
 
     def as_dicts(self) -> list[dict]:
         """Rows as plain dicts (for pandas.DataFrame or csv)."""
@@ -333,16 +327,17 @@ class LayerTable:
         def fmt(t: tuple[int, ...] | None) -> str:
             return "-" if t is None else "x".join(map(str, t))
 
-        rows = [[r.name, r.type, str(r.in_channels), str(r.out_channels), fmt(r.kernel), fmt(r.stride),
-                 str(r.groups), r.kind, fmt(r.output_shape), f"{r.params:,}", f"{r.macs:,}"] for r in self.rows]
-        lines = _format_columns(header, rows, right={2, 3, 6, 9, 10})
+        rows = [[r.name, r.type, r.in_channels, r.out_channels, fmt(r.kernel), fmt(r.stride),
+                 r.groups, r.kind, fmt(r.output_shape), f"{r.params:,}", f"{r.macs:,}"] for r in self.rows]
+        right = {2, 3, 6, 9, 10}
+        table = format_table(header, rows, colalign=["right" if i in right else "left" for i in range(len(header))])
         title = f"{self.model_name or 'model'}, input {fmt(self.input_shape)}"
         totals = (f"total: {len(self)} layers, {self.total_params:,} parameters ({_human(self.total_params)}), "
                   f"{self.total_macs:,} MACs per example ({_human(self.total_macs)}; "
                   f"conv + linear only: {_human(self.conv_linear_macs)})")
         if self.uncounted_params:
             totals += f"; {self.uncounted_params:,} parameters in layers not listed"
-        return "\n".join([title, *lines, totals])
+        return "\n".join([title, table, totals])
 
     def __repr__(self) -> str:
         return (f"LayerTable({self.model_name or 'model'}: {len(self)} layers, "
@@ -410,19 +405,15 @@ def layer_table(model: nn.Module, inputs: torch.Tensor | Sequence[int], name: st
             rows[layer_name] = row
         return hook
 
-    training_flags = {m: m.training for m in model.modules()}
     handles = []
     try:
         for layer_name, module in model.named_modules():
             if isinstance(module, COUNTED_LAYERS):
                 handles.append(module.register_forward_hook(make_hook(layer_name)))
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(x)
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in training_flags.items():
-            module.training = flag
     uncounted = sum(_own_parameter_count(m) for n, m in model.named_modules() if n not in rows)
     return LayerTable(list(rows.values()), tuple(x.shape), name or type(model).__name__, uncounted)

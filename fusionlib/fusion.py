@@ -1,36 +1,30 @@
-"""BatchNorm folding and module fusion (``fuse_modules``), written from scratch.
+"""Module fusion with ``torch.ao.quantization``'s interface, written from scratch.
 
-Folding BatchNorm into the layer before it
-------------------------------------------
-In eval mode BatchNorm is a fixed per-channel affine map of the layer's output
-``y``::
+:func:`fuse_modules` takes a model and groups of dotted names
+(``[["conv1", "bn1", "relu"], ["layer1.0.conv1", "layer1.0.bn1"], ...]``) and
+replaces each group by one fused module followed by ``nn.Identity`` s. Which
+module a group becomes is looked up by its type sequence in a table of fuser
+methods (:func:`get_fuser_method`, :func:`supported_fusions`):
 
-    BN(y) = γ · (y − μ) / √(σ² + ε) + β          μ, σ²: running mean / variance
+* Conv+BN, ConvTranspose+BN, Linear+BN -> one layer with BatchNorm folded in
+  (the arithmetic: :mod:`fusionlib.folding`, ``W' = W·γ/√(σ²+ε)``,
+  ``b' = (b−μ)·γ/√(σ²+ε) + β``);
+* Conv+BN+ReLU -> ``ConvReLUNd(folded conv, relu)``; Conv+ReLU, Linear+ReLU,
+  BN+ReLU -> the containers of :mod:`fusionlib.fused_modules`;
+* :func:`fuse_modules_qat` keeps BatchNorm trainable in ConvBnNd /
+  ConvBnReLUNd / LinearBn1d instead of folding it.
 
-Write ``s = γ / √(σ² + ε)`` (one scale per output channel). For a convolution
-or linear layer ``y = W·x + b`` the composition is again such a layer::
+This module also re-exports every public name of :mod:`fusionlib.folding`
+and :mod:`fusionlib.fused_modules`, so ``fusionlib.fusion`` offers everything
+its torch namesakes do: ``fuse_conv_bn_weights``, ``fuse_conv_bn_eval``,
+``fuse_linear_bn_weights``, ``fuse_linear_bn_eval``
+(``torch.nn.utils.fusion``); ``get_fuser_method``, ``fuse_known_modules``,
+``fuse_modules``, ``fuse_modules_qat`` (``torch.ao.quantization``);
+``ConvReLU1d/2d/3d``, ``LinearReLU``, ``BNReLU1d/2d/3d``, ``ConvBn1d/2d/3d``,
+``ConvBnReLU1d/2d/3d``, ``LinearBn1d`` (``torch.ao.nn.intrinsic``).
 
-    W' = W · s              (each output channel's filter times its scale)
-    b' = (b − μ) · s + β
-
-Precision: the scale and both products are computed in float64 and rounded to
-the weights' dtype once, at the end (float32 where the device has no float64,
-e.g. Apple's MPS). torch computes in the weights' dtype and rounds three
-times; both agree to a few ulps, ours is at most about one ulp from the exact
-fold.
-
-Public names and their torch namesakes (same signatures)
---------------------------------------------------------
-``fuse_conv_bn_weights``, ``fuse_conv_bn_eval``, ``fuse_linear_bn_weights``,
-``fuse_linear_bn_eval`` (``torch.nn.utils.fusion``); ``get_fuser_method``,
-``fuse_known_modules``, ``fuse_modules``, ``fuse_modules_qat``
-(``torch.ao.quantization``); fused containers ``ConvReLU1d/2d/3d``,
-``LinearReLU``, ``BNReLU1d/2d/3d``, ``ConvBn1d/2d/3d``, ``ConvBnReLU1d/2d/3d``,
-``LinearBn1d`` (``torch.ao.nn.intrinsic``).
-
-Where we deliberately differ from torch
----------------------------------------
-* Grouped ``ConvTranspose`` + BN folds correctly (torch raises a shape error).
+Where we deliberately differ from torch (see also :mod:`fusionlib.folding`)
+------------------------------------------------------------------------
 * Hooks: the first module's forward pre-hooks and the last module's forward
   hooks move to the fused module and run exactly once per forward (torch runs
   the pre-hooks twice after Conv+BN eval fusion); ``with_kwargs`` /
@@ -45,9 +39,6 @@ Where we deliberately differ from torch
   ``inplace=True`` names and type sequences are checked before anything
   changes, and if a fuser fails halfway the model is restored.
 * ``(BatchNorm1d, ReLU)`` fuses to :class:`BNReLU1d` (torch has no 1d form).
-* A folded layer that had no bias gets a bias with the weight's
-  ``requires_grad`` (torch's has ``requires_grad=False``).
-* ``fuse_conv_bn_eval`` checks that ``transpose`` matches the layer type.
 * The fused container's ``training`` flag is copied from the first module.
 * Unknown keys in ``fuse_custom_config_dict`` are an error, not ignored.
 """
@@ -59,14 +50,45 @@ import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils.parametrize import type_before_parametrizations
+
+from fusionlib.folding import (
+    _MODULE_NAMES,
+    FusionError,
+    _check_channels,
+    _check_same_mode,
+    _describe,
+    fuse_conv_bn_eval,
+    fuse_conv_bn_weights,
+    fuse_linear_bn_eval,
+    fuse_linear_bn_weights,
+)
+from fusionlib.fused_modules import (
+    CONV_BN,
+    CONV_BN_RELU,
+    CONV_RELU,
+    BNReLU1d,
+    BNReLU2d,
+    BNReLU3d,
+    ConvBn1d,
+    ConvBn2d,
+    ConvBn3d,
+    ConvBnReLU1d,
+    ConvBnReLU2d,
+    ConvBnReLU3d,
+    ConvReLU1d,
+    ConvReLU2d,
+    ConvReLU3d,
+    FusedSequential,
+    LinearBn1d,
+    LinearReLU,
+)
+from fusionlib.modules import set_submodule
 
 __all__ = [
     "FusionError",
@@ -101,17 +123,7 @@ __all__ = [
     "LinearBn1d",
 ]
 
-ConvT = TypeVar("ConvT", bound=_ConvNd)
-LinearT = TypeVar("LinearT", bound=nn.Linear)
 FuserMethod = Callable[..., nn.Module]
-
-
-class FusionError(ValueError, AssertionError):
-    """Bad input to a fusion function.
-
-    Also an ``AssertionError`` because torch's fusers signal the same
-    conditions with asserts, so code written against torch keeps working.
-    """
 
 
 class UnsupportedFusionError(FusionError, NotImplementedError):
@@ -119,194 +131,8 @@ class UnsupportedFusionError(FusionError, NotImplementedError):
 
 
 # --------------------------------------------------------------------------
-# Naming modules in messages
+# Fuser methods: (is_qat, *modules) -> fused module
 # --------------------------------------------------------------------------
-# fuse_modules knows each module's dotted name; the fuser functions it calls
-# only receive modules. It publishes {id(module): name} here for the duration
-# of the call, so every message and warning can say 'layer1.0.bn1'.
-_MODULE_NAMES: ContextVar[dict[int, str]] = ContextVar("fusionlib_module_names", default={})
-
-
-def _describe(module: nn.Module) -> str:
-    """``'layer1.0.bn1' (BatchNorm2d)`` when the name is known, else ``BatchNorm2d``."""
-    type_name = type_before_parametrizations(module).__name__
-    name = _MODULE_NAMES.get().get(id(module))
-    return f"'{name}' ({type_name})" if name is not None else type_name
-
-
-# --------------------------------------------------------------------------
-# The folding arithmetic
-# --------------------------------------------------------------------------
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float64 for the folding arithmetic, except on devices without it."""
-    return torch.float32 if tensor.device.type == "mps" else torch.float64
-
-
-def _batchnorm_scale_and_shift(
-    bn_rm: torch.Tensor,
-    bn_rv: torch.Tensor,
-    bn_eps: float,
-    bn_w: torch.Tensor | None,
-    bn_b: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``s = γ/√(σ²+ε)`` and ``β`` in ``dtype`` (γ=1, β=0 when BN is not affine)."""
-    variance = bn_rv.to(dtype)
-    gamma = torch.ones_like(variance) if bn_w is None else bn_w.detach().to(dtype)
-    beta = torch.zeros_like(variance) if bn_b is None else bn_b.detach().to(dtype)
-    scale = gamma * torch.rsqrt(variance + bn_eps)
-    return scale, beta
-
-
-def _scale_output_channels(weight: torch.Tensor, scale: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Multiply each output channel's slice of ``weight`` by its entry of ``scale``.
-
-    Conv weight: ``[out, in/groups, k...]`` -> scale laid out as ``[out, 1, 1...]``.
-    ConvTranspose weight: ``[in, out/groups, k...]``. Output channel
-    ``c = g·(out/groups) + j`` lives at ``weight[g·(in/groups) + i, j]``, so
-    view it as ``[groups, in/groups, out/groups, k...]`` and lay the scale out
-    as ``[groups, 1, out/groups, 1...]``. ``groups`` follows from the shapes:
-    ``out / (out/groups)``.
-    """
-    kernel_ones = [1] * (weight.dim() - 2)
-    out_channels = scale.numel()
-    if not transpose:
-        if weight.shape[0] != out_channels:
-            raise FusionError(
-                f"Conv weight has {weight.shape[0]} output channels but BatchNorm has "
-                f"{out_channels} features (weight shape {tuple(weight.shape)})."
-            )
-        return weight * scale.reshape(out_channels, 1, *kernel_ones)
-    in_channels, out_per_group = weight.shape[0], weight.shape[1]
-    groups = out_channels // out_per_group if out_per_group else 0
-    if groups == 0 or out_channels % out_per_group or in_channels % groups:
-        raise FusionError(
-            f"ConvTranspose weight of shape {tuple(weight.shape)} ([in, out/groups, k...]) "
-            f"does not fit a BatchNorm with {out_channels} features."
-        )
-    grouped = weight.reshape(groups, in_channels // groups, out_per_group, *weight.shape[2:])
-    grouped_scale = scale.reshape(groups, 1, out_per_group, *kernel_ones)
-    return (grouped * grouped_scale).reshape(weight.shape)
-
-
-def _as_parameters(
-    fused_w: torch.Tensor, fused_b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[nn.Parameter, nn.Parameter]:
-    """Round the folded tensors back to the layer's dtypes, as Parameters.
-
-    The weight keeps ``weight``'s dtype and ``requires_grad``; the bias those of
-    ``bias``, or of the weight when the layer had no bias.
-    """
-    like = weight if bias is None else bias
-    return (
-        nn.Parameter(fused_w.to(weight.dtype), weight.requires_grad),
-        nn.Parameter(fused_b.to(like.dtype), like.requires_grad),
-    )
-
-
-def fuse_conv_bn_weights(
-    conv_w: torch.Tensor,
-    conv_b: torch.Tensor | None,
-    bn_rm: torch.Tensor,
-    bn_rv: torch.Tensor,
-    bn_eps: float,
-    bn_w: torch.Tensor | None,
-    bn_b: torch.Tensor | None,
-    transpose: bool = False,
-) -> tuple[nn.Parameter, nn.Parameter]:
-    r"""Fold BatchNorm statistics into convolution weights.
-
-    With ``s = γ/√(σ² + ε)`` per output channel::
-
-        W' = W · s            b' = (b − μ) · s + β
-
-    (``b = 0`` when the conv has no bias; ``γ = 1, β = 0`` when BN is not
-    affine). ``transpose=True`` for ConvTranspose weights ``[in, out/groups,
-    k...]``, grouped ones included. Arithmetic in float64, rounded once to
-    the input dtypes. Returns new Parameters (weight dtype and
-    ``requires_grad`` of ``conv_w``; bias dtype of ``conv_b``, or of the
-    weight when there was no bias).
-    """
-    with torch.no_grad():
-        dtype = _compute_dtype(conv_w)
-        scale, beta = _batchnorm_scale_and_shift(bn_rm, bn_rv, bn_eps, bn_w, bn_b, dtype)
-        bias = torch.zeros_like(scale) if conv_b is None else conv_b.detach().to(dtype)
-        fused_w = _scale_output_channels(conv_w.detach().to(dtype), scale, transpose)
-        fused_b = (bias - bn_rm.to(dtype)) * scale + beta
-    return _as_parameters(fused_w, fused_b, conv_w, conv_b)
-
-
-def fuse_linear_bn_weights(
-    linear_w: torch.Tensor,
-    linear_b: torch.Tensor | None,
-    bn_rm: torch.Tensor,
-    bn_rv: torch.Tensor,
-    bn_eps: float,
-    bn_w: torch.Tensor | None,
-    bn_b: torch.Tensor | None,
-) -> tuple[nn.Parameter, nn.Parameter]:
-    r"""Fold BatchNorm1d statistics into linear weights.
-
-    With ``s = γ/√(σ² + ε)`` per output feature (or one shared value when BN
-    has a single feature)::
-
-        W' = W · s[:, None]    b' = (b − μ) · s + β
-
-    Arithmetic in float64, rounded once to the input dtypes.
-    """
-    out_features = linear_w.shape[0]
-    if bn_rm.numel() not in (out_features, 1):
-        raise FusionError(
-            f"Linear weight has {out_features} output features but BatchNorm has "
-            f"{bn_rm.numel()}; they must be equal (or BatchNorm must have 1 feature)."
-        )
-    with torch.no_grad():
-        dtype = _compute_dtype(linear_w)
-        scale, beta = _batchnorm_scale_and_shift(bn_rm, bn_rv, bn_eps, bn_w, bn_b, dtype)
-        weight = linear_w.detach().to(dtype)
-        bias = weight.new_zeros(out_features) if linear_b is None else linear_b.detach().to(dtype)
-        fused_w = weight * scale.unsqueeze(-1)
-        fused_b = (bias - bn_rm.to(dtype)) * scale + beta
-    return _as_parameters(fused_w, fused_b, linear_w, linear_b)
-
-
-# --------------------------------------------------------------------------
-# Checks shared by the eval and QAT paths
-# --------------------------------------------------------------------------
-def _check_same_mode(layer: nn.Module, bn: nn.Module) -> None:
-    if layer.training != bn.training:
-        raise FusionError(
-            f"{_describe(layer)} is in {'training' if layer.training else 'eval'} mode but "
-            f"{_describe(bn)} is in {'training' if bn.training else 'eval'} mode; both must be in "
-            "the same mode: call model.eval() (to fold BatchNorm) or model.train() "
-            "(for fuse_modules_qat) first."
-        )
-
-
-def _check_foldable(layer: nn.Module, bn: _BatchNorm) -> None:
-    """Eval folding needs eval mode and running statistics."""
-    _check_same_mode(layer, bn)
-    if bn.training:
-        raise FusionError(
-            f"Cannot fold {_describe(bn)} into {_describe(layer)}: they are in training mode, "
-            "where BatchNorm normalizes with batch statistics. Call model.eval() first, "
-            "or use fuse_modules_qat to keep BatchNorm trainable."
-        )
-    if bn.running_mean is None or bn.running_var is None:
-        raise FusionError(
-            f"Cannot fold {_describe(bn)}: it has track_running_stats=False, so it uses batch "
-            "statistics even in eval mode and is not a fixed affine map."
-        )
-
-
-def _check_channels(layer: nn.Module, out_channels: int, bn: _BatchNorm, what: str) -> None:
-    if bn.num_features != out_channels:
-        raise FusionError(
-            f"Cannot fuse {_describe(layer)} ({what}={out_channels}) with {_describe(bn)} "
-            f"(num_features={bn.num_features}): the numbers must be equal."
-        )
-
-
 def _check_trainable_bn(bn: _BatchNorm) -> None:
     if not bn.affine or not bn.track_running_stats:
         raise FusionError(
@@ -316,100 +142,6 @@ def _check_trainable_bn(bn: _BatchNorm) -> None:
         )
 
 
-# --------------------------------------------------------------------------
-# Eval-mode folding of whole modules
-# --------------------------------------------------------------------------
-def fuse_conv_bn_eval(conv: ConvT, bn: _BatchNorm, transpose: bool = False) -> ConvT:
-    r"""Return a new conv layer equal to ``bn(conv(x))`` in eval mode.
-
-    ``W' = W·γ/√(σ²+ε)``, ``b' = (b−μ)·γ/√(σ²+ε) + β`` (see
-    :func:`fuse_conv_bn_weights`). Works for Conv1d/2d/3d and (with
-    ``transpose=True``) ConvTranspose1d/2d/3d, any groups, dilation, stride,
-    with or without bias. ``conv`` and ``bn`` are not modified; the result is
-    a deep copy of ``conv`` (hooks included, as in torch) with new weights.
-    """
-    _check_foldable(conv, bn)
-    is_transposed = isinstance(conv, _ConvTransposeNd)
-    if is_transposed != transpose:
-        raise FusionError(
-            f"{_describe(conv)} is {'a transposed' if is_transposed else 'not a transposed'} "
-            f"convolution: call fuse_conv_bn_eval(conv, bn, transpose={is_transposed})."
-        )
-    _check_channels(conv, conv.out_channels, bn, "out_channels")
-    fused = copy.deepcopy(conv)
-    fused.weight, fused.bias = fuse_conv_bn_weights(
-        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, transpose
-    )
-    return fused
-
-
-def fuse_linear_bn_eval(linear: LinearT, bn: _BatchNorm) -> LinearT:
-    r"""Return a new linear layer equal to ``bn(linear(x))`` in eval mode.
-
-    ``W' = W·γ/√(σ²+ε)`` (row-wise), ``b' = (b−μ)·γ/√(σ²+ε) + β``. BatchNorm
-    must have ``out_features`` features, or one feature (then broadcast).
-    """
-    _check_foldable(linear, bn)
-    if bn.num_features != 1:
-        _check_channels(linear, linear.out_features, bn, "out_features")
-    fused = copy.deepcopy(linear)
-    fused.weight, fused.bias = fuse_linear_bn_weights(
-        linear.weight, linear.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
-    )
-    return fused
-
-
-# --------------------------------------------------------------------------
-# Fused containers (nn.Sequential subclasses, like torch.ao.nn.intrinsic)
-# --------------------------------------------------------------------------
-class FusedSequential(nn.Sequential):
-    """A Sequential that runs a fixed sequence of module types.
-
-    Eval fusion uses it for what BN folding cannot remove (a trailing ReLU);
-    fuse_modules_qat for Conv+BN(+ReLU) whose BatchNorm keeps training.
-    """
-
-    module_types: tuple[type[nn.Module], ...] = ()
-
-    def __init__(self, *modules: nn.Module) -> None:
-        types = tuple(type_before_parametrizations(m) for m in modules)
-        if types != self.module_types:
-            got = ", ".join(t.__name__ for t in types)
-            want = ", ".join(t.__name__ for t in self.module_types)
-            raise FusionError(f"{type(self).__name__} takes ({want}), got ({got}).")
-        super().__init__(*modules)
-        self.training = modules[0].training
-
-
-def _fused_class(name: str, *module_types: type[nn.Module]) -> type[FusedSequential]:
-    names = ", ".join(t.__name__ for t in module_types)
-    doc = f"Sequential container running ({names}) as one fused unit."
-    return type(name, (FusedSequential,), {"module_types": module_types, "__doc__": doc, "__module__": __name__})
-
-
-ConvReLU1d = _fused_class("ConvReLU1d", nn.Conv1d, nn.ReLU)
-ConvReLU2d = _fused_class("ConvReLU2d", nn.Conv2d, nn.ReLU)
-ConvReLU3d = _fused_class("ConvReLU3d", nn.Conv3d, nn.ReLU)
-LinearReLU = _fused_class("LinearReLU", nn.Linear, nn.ReLU)
-BNReLU1d = _fused_class("BNReLU1d", nn.BatchNorm1d, nn.ReLU)
-BNReLU2d = _fused_class("BNReLU2d", nn.BatchNorm2d, nn.ReLU)
-BNReLU3d = _fused_class("BNReLU3d", nn.BatchNorm3d, nn.ReLU)
-ConvBn1d = _fused_class("ConvBn1d", nn.Conv1d, nn.BatchNorm1d)
-ConvBn2d = _fused_class("ConvBn2d", nn.Conv2d, nn.BatchNorm2d)
-ConvBn3d = _fused_class("ConvBn3d", nn.Conv3d, nn.BatchNorm3d)
-ConvBnReLU1d = _fused_class("ConvBnReLU1d", nn.Conv1d, nn.BatchNorm1d, nn.ReLU)
-ConvBnReLU2d = _fused_class("ConvBnReLU2d", nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
-ConvBnReLU3d = _fused_class("ConvBnReLU3d", nn.Conv3d, nn.BatchNorm3d, nn.ReLU)
-LinearBn1d = _fused_class("LinearBn1d", nn.Linear, nn.BatchNorm1d)
-
-_CONV_RELU = {nn.Conv1d: ConvReLU1d, nn.Conv2d: ConvReLU2d, nn.Conv3d: ConvReLU3d}
-_CONV_BN = {nn.Conv1d: ConvBn1d, nn.Conv2d: ConvBn2d, nn.Conv3d: ConvBn3d}
-_CONV_BN_RELU = {nn.Conv1d: ConvBnReLU1d, nn.Conv2d: ConvBnReLU2d, nn.Conv3d: ConvBnReLU3d}
-
-
-# --------------------------------------------------------------------------
-# Fuser methods: (is_qat, *modules) -> fused module
-# --------------------------------------------------------------------------
 def _check_qat_conv_bn(conv: _ConvNd, bn: _BatchNorm) -> None:
     _check_same_mode(conv, bn)
     _check_channels(conv, conv.out_channels, bn, "out_channels")
@@ -420,7 +152,7 @@ def fuse_conv_bn(is_qat: bool, conv: _ConvNd, bn: _BatchNorm) -> nn.Module:
     """Conv+BN: eval -> one folded conv; QAT -> ConvBnNd keeping the BatchNorm."""
     if is_qat:
         _check_qat_conv_bn(conv, bn)
-        return _CONV_BN[type_before_parametrizations(conv)](conv, bn)
+        return CONV_BN[type_before_parametrizations(conv)](conv, bn)
     return fuse_conv_bn_eval(conv, bn)
 
 
@@ -429,8 +161,8 @@ def fuse_conv_bn_relu(is_qat: bool, conv: _ConvNd, bn: _BatchNorm, relu: nn.ReLU
     conv_type = type_before_parametrizations(conv)
     if is_qat:
         _check_qat_conv_bn(conv, bn)
-        return _CONV_BN_RELU[conv_type](conv, bn, relu)
-    return _CONV_RELU[conv_type](fuse_conv_bn_eval(conv, bn), relu)
+        return CONV_BN_RELU[conv_type](conv, bn, relu)
+    return CONV_RELU[conv_type](fuse_conv_bn_eval(conv, bn), relu)
 
 
 def fuse_linear_bn(is_qat: bool, linear: nn.Linear, bn: nn.BatchNorm1d) -> nn.Module:
@@ -682,11 +414,6 @@ def _get_module(model: nn.Module, name: str, known_names: list[str]) -> nn.Modul
     raise FusionError(f"{type(model).__name__} has no submodule named {name!r}.{hint}")
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, module)
-
-
 def _resolve_groups(model: nn.Module, groups: list[list[str]]) -> list[list[nn.Module]]:
     """Look up every name; reject a module listed twice (by name or by alias)."""
     known_names = [name for name, _ in model.named_modules() if name]
@@ -784,7 +511,7 @@ def _fuse_modules(
                     f"fuser_func returned {len(fused)} modules for the {len(group)} names {group}."
                 )
             for name, module in zip(group, fused):
-                _set_module(model, name, module)
+                set_submodule(model, name, module)
     except BaseException:
         snapshot.restore()
         raise

@@ -5,25 +5,30 @@
   momentum and a one-cycle learning-rate schedule (warm up to ``lr``, then
   cosine-anneal towards zero), and returns one history row per epoch.
 * :func:`evaluate` returns top-1 accuracy in [0, 1].
+* :func:`eval_mode` (from :mod:`fusionlib.modules`, re-exported here) switches
+  models to eval mode for a ``with`` block and restores every module's flag.
 
-With ``momentum=0.9``, ``weight_decay=5e-4`` and one-cycle, three epochs
-train ResNet18 (``lr=0.03``) to ~97-98% and MobileNetV2 (``lr=0.05``) to
-~96% test accuracy on the digits; see :func:`fusionlib.models.trained_model`.
+:func:`fusionlib.zoo.trained_model` uses :func:`fit` to train the course's
+models on the digits, with per-model learning rates (``zoo.DEFAULT_LR``).
 
-On a busy machine (other processes on the same cores), one thread
-(``torch.set_num_threads(1)``) can be several times faster than two: the
-OpenMP threads wait for each other at every op.
+Threads: on a machine whose cores are busy with other work, one thread
+(``torch.set_num_threads(1)``) can be faster than several, because OpenMP
+threads wait for each other at every op; compare both where you run.
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import time
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
+
+from fusionlib.display import progress as progress_bar
+from fusionlib.modules import eval_mode
+
+__all__ = ["seed_everything", "fit", "evaluate", "eval_mode"]
 
 
 def seed_everything(seed: int) -> None:
@@ -37,31 +42,6 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _progress(iterable: Iterable, total: int | None, desc: str, enabled: bool, leave: bool):
-    from tqdm import tqdm  # plain text bars: no ipywidgets needed, readable in saved notebooks
-
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=leave, dynamic_ncols=True)
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode; on exit give every submodule back its own training flag.
-
-    Restoring per submodule (not ``model.train()``) keeps deliberately frozen
-    parts, e.g. a BatchNorm held in eval inside a training model, as they were.
-    Submodules without a ``training`` flag (parts of a frozen TorchScript
-    module) are left alone.
-    """
-    flags = [(m, m.training) for model in models for m in model.modules() if hasattr(m, "training")]
-    try:
-        for module, _ in flags:
-            module.training = False
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def evaluate(model: nn.Module, loader: Iterable) -> float:
@@ -125,12 +105,12 @@ def fit(
     )
 
     history: list[dict] = []
-    epoch_bar = _progress(range(1, epochs + 1), epochs, "epochs", progress, leave=True)
+    epoch_bar = progress_bar(range(1, epochs + 1), total=epochs, desc="epochs", enabled=progress, leave=True)
     for epoch in epoch_bar:
         model.train()
         start = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in _progress(train_loader, steps_per_epoch, f"epoch {epoch}", progress, leave=False):
+        for x, y in progress_bar(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}", enabled=progress, leave=False):
             x, y = x.to(device), y.to(device)
             logits = model(x)
             loss = loss_fn(logits, y)

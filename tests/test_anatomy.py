@@ -255,3 +255,52 @@ def test_layer_table_counts_a_shared_module_per_call_and_reports_uncounted_param
     assert table.row("conv").params == conv_parameter_count(3, 3, 3)
     assert table.uncounted_params == 1 + 6  # scale, and the Linear that never ran
     assert "7 parameters in layers not listed" in str(table)
+
+
+def _cells_by_rule(text: str) -> list[list[str]]:
+    """Cut every line of a plain-text table at the column spans its dashed rule line shows."""
+    lines = text.splitlines()
+    rule_index = next(i for i, line in enumerate(lines) if line and set(line) <= {"-", " "})
+    spans, start = [], None
+    for i, char in enumerate(lines[rule_index] + " "):
+        if char == "-" and start is None:
+            start = i
+        elif char != "-" and start is not None:
+            spans.append((start, i))
+            start = None
+    kept = [line for i, line in enumerate(lines) if i >= rule_index - 1 and i != rule_index]
+    return [[line[a:b].strip() for a, b in spans] for line in kept]
+
+
+def test_printed_tables_put_every_value_under_its_header(tables):
+    model, table, _ = tables["mobilenet_v2"]
+    text = str(table)
+    body = text.splitlines()[1:-1]  # title line and totals line around the table
+    cells = _cells_by_rule("\n".join(body))
+    header, rows = cells[0], [c for c in cells[1:] if any(c)]
+    assert header == ["name", "type", "in", "out", "kernel", "stride", "groups", "kind", "output", "params", "MACs"]
+    assert len(rows) == len(table)
+    for cells_of_row, row in zip(rows, table):
+        shown = dict(zip(header, cells_of_row))
+        assert shown["name"] == row.name and shown["kind"] == row.kind and shown["groups"] == str(row.groups)
+        assert shown["params"] == f"{row.params:,}" and shown["MACs"] == f"{row.macs:,}"
+        assert shown["output"] == "x".join(map(str, row.output_shape))
+    by_kind = _cells_by_rule(table.format_by_kind())
+    assert by_kind[0] == ["kind", "layers", "params", "params %", "MACs", "MACs %"]
+    split = table.by_kind()
+    for cells_of_row in by_kind[1:-1]:
+        kind_total = split[cells_of_row[0]]
+        assert cells_of_row[1] == str(kind_total.layers)
+        assert cells_of_row[3] == f"{100 * kind_total.params_share:.1f}"
+        assert cells_of_row[5] == f"{100 * kind_total.macs_share:.1f}"
+    assert by_kind[-1] == ["total", str(len(table)), "3.50M", "100.0", "307.45M", "100.0"]
+
+
+def test_layer_table_gives_each_module_its_own_training_flag_back():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    layer_table(model, (1, 3, 8, 8))
+    assert seen == [False]  # measured in eval mode
+    assert model.training and model[0].training and not model[1].training and model[2].training

@@ -7,6 +7,7 @@ to the output's scale: max|a - b| / max|a|.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 
@@ -17,8 +18,10 @@ import torchvision
 from sklearn.datasets import load_sample_images
 from torch import nn
 from torch.ao import quantization as torch_quantization
+from torch.ao.nn import intrinsic as torch_intrinsic
 from torch.nn.utils import fusion as torch_fusion
 
+from fusionlib import folding, fused_modules
 from fusionlib import fusion as F
 
 
@@ -203,6 +206,180 @@ def test_linear_bn_with_one_feature_broadcasts():
         assert max_rel(bn(linear(x)), ours(x)) <= 1e-5
         assert max_rel(torch_fusion.fuse_linear_bn_eval(linear, bn)(x), ours(x)) <= 1e-6
     assert ours.bias.shape == (4,)
+
+
+# --------------------------------------------------------------------------
+# BatchNorm without affine parameters, low-precision weights, channels_last
+# --------------------------------------------------------------------------
+def exact_fold(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fold in float64 from the layer's and BN's stored values: W·s and (b − μ)·s + β, s = γ/√(σ²+ε).
+
+    Output channels are dim 0 of a Conv / Linear weight and dim 1 of an
+    (ungrouped) ConvTranspose weight.
+    """
+    variance, mean = bn.running_var.double(), bn.running_mean.double()
+    gamma = torch.ones_like(variance) if bn.weight is None else bn.weight.detach().double()
+    beta = torch.zeros_like(variance) if bn.bias is None else bn.bias.detach().double()
+    scale = gamma / torch.sqrt(variance + bn.eps)
+    weight = layer.weight.detach().double()
+    out_dim = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+    shape = [1] * weight.dim()
+    shape[out_dim] = -1
+    bias = torch.zeros_like(mean) if layer.bias is None else layer.bias.detach().double()
+    return weight * scale.view(shape), (bias - mean) * scale + beta
+
+
+def ulp_errors(candidate: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """Worst |candidate − exact| in units of one correct rounding to ``dtype``.
+
+    A value rounded once to nearest is within u·|exact| (u = eps/2, half an
+    ulp) of it, or within half the subnormal spacing near zero; the result is
+    the largest error divided by that bound, so <= 1 means "rounded once".
+    """
+    info = torch.finfo(dtype)
+    bound = (info.eps / 2) * exact.abs() + info.smallest_normal * info.eps / 2
+    return ((candidate.double() - exact).abs() / bound).max().item()
+
+
+FOLD_LAYERS = {
+    # name: (layer, BN class, input shape without the batch dimension)
+    "conv2d": (lambda: nn.Conv2d(16, 32, 3), nn.BatchNorm2d, (16, 9, 9)),
+    "conv2d_nobias": (lambda: nn.Conv2d(16, 32, 3, bias=False), nn.BatchNorm2d, (16, 9, 9)),
+    "convT2d": (lambda: nn.ConvTranspose2d(16, 32, 3, stride=2), nn.BatchNorm2d, (16, 5, 5)),
+    "linear": (lambda: nn.Linear(48, 64), nn.BatchNorm1d, (48,)),
+}
+
+
+def fold_in_dtype(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype):
+    """The naive fold: every tensor cast to ``dtype`` first and each operation rounded to it."""
+    scale = bn.weight.detach().to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    shape = [1] * layer.weight.dim()
+    shape[1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0] = -1
+    bias = torch.zeros_like(scale) if layer.bias is None else layer.bias.detach().to(dtype)
+    weight = layer.weight.detach().to(dtype) * scale.view(shape)
+    return weight, (bias - bn.running_mean.to(dtype)) * scale + bn.bias.detach().to(dtype)
+
+
+def fold(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, library=F) -> nn.Module:
+    """``fuse_linear_bn_eval`` or ``fuse_conv_bn_eval`` (with the right ``transpose``) from ``library``."""
+    if isinstance(layer, nn.Linear):
+        return library.fuse_linear_bn_eval(layer, bn)
+    return library.fuse_conv_bn_eval(layer, bn, transpose=isinstance(layer, nn.modules.conv._ConvTransposeNd))
+
+
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_nobias", "convT2d", "linear"])
+def test_batchnorm_without_affine_folds_with_unit_gamma_and_zero_beta(case):
+    make, bn_class, shape = FOLD_LAYERS[case]
+    torch.manual_seed(21)
+    layer = make().double().eval()
+    bn = bn_class(layer.weight.shape[1 if case == "convT2d" else 0], eps=1e-3, affine=False).double().eval()
+    randomize_bn(bn, torch.Generator().manual_seed(22))
+    assert bn.weight is None and bn.bias is None
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    fused = fold(layer, bn)
+    exact_w, exact_b = exact_fold(layer, bn)
+    with torch.no_grad():
+        assert max_rel(exact_w, fused.weight) <= 1e-15 and max_rel(exact_b, fused.bias) <= 1e-15
+        assert max_rel(bn(layer(x)), fused(x)) <= 1e-12
+        # The fold changed the layer: a mix-up of gamma/beta defaults would show here.
+        assert max_rel(exact_w, layer.weight.double()) > 0.1
+    # float32, against torch's namesake where it takes gamma/beta = None (its Linear fold does not)
+    layer32, bn32 = copy.deepcopy(layer).float(), copy.deepcopy(bn).float()
+    ours = fold(layer32, bn32)
+    with torch.no_grad():
+        assert max_rel(bn32(layer32(x.float())), ours(x.float())) <= 1e-5
+        if case != "linear":
+            theirs = fold(layer32, bn32, library=torch_fusion)
+            assert max_rel(theirs.weight, ours.weight) <= 1e-6 and max_rel(theirs.bias, ours.bias) <= 1e-6
+    # Through fuse_modules too; fuse_modules_qat needs a BatchNorm it can train, and says so.
+    model = nn.Sequential(layer, bn).eval()
+    with torch.no_grad():
+        assert max_rel(model(x), F.fuse_modules(model, ["0", "1"])(x)) <= 1e-12
+    if case != "convT2d":
+        with pytest.raises(F.FusionError, match=r"needs affine=True .*got affine=False"):
+            F.fuse_modules_qat(model.train(), ["0", "1"])
+
+
+@pytest.mark.parametrize("bn_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(FOLD_LAYERS))
+def test_low_precision_weights_are_folded_in_float64_and_rounded_once(case, dtype, bn_dtype):
+    """fp16 / bf16 layers: the folded weights keep the layer's dtype and are the float64 fold rounded once.
+
+    Tolerance: half an ulp of the dtype per element (see ``ulp_errors``). The
+    naive fold, computed in the layer's dtype and rounded at every step (what
+    torch does when BatchNorm has the layer's dtype), misses that bound on
+    these sizes, which shows the check can fail.
+    """
+    make, bn_class, shape = FOLD_LAYERS[case]
+    torch.manual_seed(23)
+    layer = make().to(dtype).eval()
+    bn = bn_class(layer.weight.shape[1 if case == "convT2d" else 0])
+    randomize_bn(bn, torch.Generator().manual_seed(24))
+    bn = bn.to(dtype if bn_dtype == "same" else torch.float32).eval()
+
+    fused = fold(layer, bn)
+    assert fused.weight.dtype == dtype and fused.bias.dtype == dtype
+    exact_w, exact_b = exact_fold(layer, bn)
+    assert ulp_errors(fused.weight, exact_w, dtype) <= 1.0
+    assert ulp_errors(fused.bias, exact_b, dtype) <= 1.0
+
+    naive_w, naive_b = fold_in_dtype(layer, bn, dtype)
+    assert max(ulp_errors(naive_w, exact_w, dtype), ulp_errors(naive_b, exact_b, dtype)) > 1.0
+
+    # The fused layer's output, against the exact fold applied in float64 to the same input.
+    x = torch.randn(2, *shape).to(dtype)
+    exact_layer = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        exact_layer.weight.copy_(exact_w)
+        exact_layer.bias = nn.Parameter(exact_b)
+        reference = exact_layer(x.double())
+        error = max_rel(reference, fused(x).double())
+    assert error <= 2 * torch.finfo(dtype).eps, error  # the output's own rounding and the weights', a few u
+
+
+CHANNELS_LAST_CASES = {
+    # name: (layer, BN class, input shape without batch, memory format)
+    "conv2d": (lambda: nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d, (6, 7, 7), torch.channels_last),
+    "conv2d_depthwise": (lambda: nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d, (8, 7, 7), torch.channels_last),
+    "conv2d_1x1": (lambda: nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d, (6, 5, 5), torch.channels_last),
+    "convT2d_groups2": (lambda: nn.ConvTranspose2d(6, 8, 3, groups=2, stride=2), nn.BatchNorm2d, (6, 4, 4),
+                        torch.channels_last),
+    "conv3d": (lambda: nn.Conv3d(4, 6, 3), nn.BatchNorm3d, (4, 5, 5, 5), torch.channels_last_3d),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANNELS_LAST_CASES))
+def test_channels_last_weights_fold_correctly_and_keep_their_memory_format(case):
+    make, bn_class, shape, memory_format = CHANNELS_LAST_CASES[case]
+    torch.manual_seed(25)
+    layer = make().double().eval()
+    bn = bn_class(layer.out_channels).double().eval()
+    randomize_bn(bn, torch.Generator().manual_seed(26))
+    transpose = case.startswith("convT")
+    contiguous_fused = F.fuse_conv_bn_eval(layer, bn, transpose=transpose)
+
+    layer_cl = copy.deepcopy(layer).to(memory_format=memory_format)
+    assert layer_cl.weight.is_contiguous(memory_format=memory_format)
+    if layer_cl.weight.shape[-1] > 1 and layer_cl.weight.shape[1] > 1:
+        assert not layer_cl.weight.is_contiguous()  # the strides really differ from the default
+    fused = F.fuse_conv_bn_eval(layer_cl, bn, transpose=transpose)
+    # Same values as folding the contiguous weight (the layout must not change the arithmetic) ...
+    assert torch.equal(fused.weight, contiguous_fused.weight) and torch.equal(fused.bias, contiguous_fused.bias)
+    # ... and the layout of the layer's weight.
+    assert fused.weight.stride() == layer_cl.weight.stride(), (fused.weight.stride(), layer_cl.weight.stride())
+    x = torch.randn(2, *shape, dtype=torch.float64).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        assert max_rel(bn(layer_cl(x)), fused(x)) <= 1e-12
+
+    # A channels_last model through fuse_modules: the folded conv (inside ConvReLU) stays channels_last.
+    model = nn.Sequential(copy.deepcopy(layer), copy.deepcopy(bn), nn.ReLU()).to(memory_format=memory_format).eval()
+    group = ["0", "1"] if transpose else ["0", "1", "2"]  # no fuser takes ConvTranspose+BN+ReLU (as in torch)
+    fused_model = F.fuse_modules(model, group)
+    folded = fused_model[0] if transpose else fused_model[0][0]
+    assert folded.weight.is_contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        assert max_rel(model(x), fused_model(x)) <= 1e-12
 
 
 def test_fuse_eval_rejects_bad_pairs_with_clear_messages():
@@ -734,7 +911,39 @@ def test_empty_group_list_is_a_no_op_copy():
     assert math.isclose(sum(p.sum().item() for p in fused.parameters()), sum(p.sum().item() for p in model.parameters()))
 
 
-def test_fusionlib_fusion_does_not_use_torch_ao():
-    source = open(F.__file__, encoding="utf-8").read()
+@pytest.mark.parametrize("module", [F, folding, fused_modules], ids=lambda m: m.__name__)
+def test_fusionlib_fusion_does_not_use_torch_ao(module):
+    source = open(module.__file__, encoding="utf-8").read()
     assert not re.search(r"^\s*(from|import)\s+torch\.ao", source, flags=re.MULTILINE)
     assert "torch.ao" not in {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))}
+
+
+def test_every_public_name_is_importable_from_fusion_and_is_the_one_object():
+    assert set(F.__all__) >= set(folding.__all__) | set(fused_modules.__all__)
+    for name in F.__all__:
+        origin = folding if name in folding.__all__ else fused_modules if name in fused_modules.__all__ else F
+        assert getattr(F, name) is getattr(origin, name), name
+    assert F.fuse_conv_bn_weights.__module__ == "fusionlib.folding"
+
+
+CONTAINERS = {
+    "ConvReLU1d": (nn.Conv1d, nn.ReLU), "ConvReLU2d": (nn.Conv2d, nn.ReLU), "ConvReLU3d": (nn.Conv3d, nn.ReLU),
+    "LinearReLU": (nn.Linear, nn.ReLU), "BNReLU1d": (nn.BatchNorm1d, nn.ReLU),
+    "BNReLU2d": (nn.BatchNorm2d, nn.ReLU), "BNReLU3d": (nn.BatchNorm3d, nn.ReLU),
+    "ConvBn1d": (nn.Conv1d, nn.BatchNorm1d), "ConvBn2d": (nn.Conv2d, nn.BatchNorm2d),
+    "ConvBn3d": (nn.Conv3d, nn.BatchNorm3d), "ConvBnReLU1d": (nn.Conv1d, nn.BatchNorm1d, nn.ReLU),
+    "ConvBnReLU2d": (nn.Conv2d, nn.BatchNorm2d, nn.ReLU), "ConvBnReLU3d": (nn.Conv3d, nn.BatchNorm3d, nn.ReLU),
+    "LinearBn1d": (nn.Linear, nn.BatchNorm1d),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CONTAINERS))
+def test_fused_containers_are_written_out_classes_that_check_their_modules(name):
+    container = getattr(F, name)
+    # A `class` statement of its own (readable, greppable, picklable), not a class built at run time.
+    assert inspect.getsource(container).startswith(f"class {name}(FusedSequential):")
+    assert container.module_types == CONTAINERS[name]
+    with pytest.raises(F.FusionError, match=rf"{name} takes \(.*\), got \(Identity, Identity\)"):
+        container(nn.Identity(), nn.Identity())
+    namesake = getattr(torch_intrinsic, name, None)
+    assert namesake is not None or name == "BNReLU1d"  # torch has every one but BNReLU1d

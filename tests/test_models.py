@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,6 @@ from torch import nn
 
 from fusionlib import data, models
 from fusionlib.verify import compare_outputs
-
-
-
-def _wait_for_fusion(timeout: float = 600.0):
-    """Import fusionlib.fusion; while its file does not exist yet (it was written concurrently), poll."""
-    import importlib.util
-
-    deadline = time.monotonic() + timeout
-    while importlib.util.find_spec("fusionlib.fusion") is None and time.monotonic() < deadline:
-        time.sleep(10)
-    from fusionlib import fusion  # a real import error surfaces here, at once
-
-    return fusion
 
 
 def _randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -166,7 +152,6 @@ def test_unknown_architecture_is_a_type_error_naming_it():
 # ----------------------------------------------------------------------------- fuse_model
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
 def model_and_fused(request):
-    _wait_for_fusion()
     torch.manual_seed(0)
     model = _randomize_batchnorm(models.build(request.param)).eval()
     before = copy.deepcopy(model.state_dict())
@@ -212,7 +197,6 @@ def test_every_grouped_batchnorm_became_identity(model_and_fused):
 
 
 def test_fuse_model_refuses_training_mode_and_leaves_the_model_as_it_was():
-    _wait_for_fusion()
     model = models.resnet18().train()
     with pytest.raises(ValueError, match="eval"):
         models.fuse_model(model)
@@ -224,7 +208,6 @@ def test_fuse_model_refuses_training_mode_and_leaves_the_model_as_it_was():
 
 
 def test_fuse_model_inplace_returns_the_same_model():
-    _wait_for_fusion()
     model = models.mobilenet_v2().eval()
     fused = models.fuse_model(model, inplace=True)
     assert fused is model and isinstance(model.features[0][1], nn.Identity)
@@ -248,7 +231,7 @@ def test_cache_key_depends_on_every_parameter():
     assert len(keys) == 3 and models.cache_key(dict(reversed(base.items()))) == models.cache_key(base)
 
 
-TINY = dict(name="resnet18", epochs=1, image_size=8, batch_size=64, progress=False)  # ~3 CPU-seconds
+TINY = dict(name="resnet18", epochs=1, image_size=8, batch_size=64, progress=False)  # a tiny run: one epoch on 8x8 inputs
 
 
 def test_trained_model_trains_once_then_loads_identical_weights(monkeypatch, tmp_path):
@@ -267,7 +250,7 @@ def test_trained_model_trains_once_then_loads_identical_weights(monkeypatch, tmp
 
     _, test_loader = digits_loaders(batch_size=128, image_size=8)
     assert metrics["test_accuracy"] == pytest.approx(evaluate(model, test_loader))
-    assert metrics["test_accuracy"] > 0.3  # chance is 0.1; measured 0.56
+    assert metrics["test_accuracy"] > 0.3  # chance is 0.1
 
     again, metrics_again = models.trained_model(**TINY)
     assert metrics_again["cached"] is True and not again.training
@@ -297,3 +280,37 @@ def test_trained_model_retrains_from_scratch_over_a_bad_cache_file(monkeypatch, 
     clean, _ = models.trained_model("mobilenet_v2", use_cache=False, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clean.state_dict().values()))
     assert models.trained_model("mobilenet_v2", **kwargs)[1]["cached"]
+
+
+# ----------------------------------------------------------------------------- module layout
+def test_recipes_and_zoo_names_stay_importable_from_models():
+    from fusionlib import recipes, zoo
+
+    for name in ("fusion_groups", "fuse_model"):
+        assert getattr(models, name) is getattr(recipes, name), name
+    for name in ("trained_model", "cache_dir", "cache_key", "CACHE_VERSION", "DEFAULT_LR"):
+        assert getattr(models, name) is getattr(zoo, name), name
+
+
+def test_zoo_and_recipes_import_first_in_a_fresh_interpreter():
+    """fusionlib.models re-exports zoo, and zoo uses models' builders: no import cycle either way round."""
+    import subprocess
+    import sys
+
+    code = "import fusionlib.zoo, fusionlib.recipes, fusionlib.models as m; assert m.trained_model is fusionlib.zoo.trained_model"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_set_input_channels_replaces_the_first_conv_under_its_own_name():
+    from fusionlib.zoo import _set_input_channels
+
+    for name, first in (("resnet18", "conv1"), ("mobilenet_v2", "features.0.0")):
+        model = models.build(name).eval()
+        old = model.get_submodule(first)
+        _set_input_channels(model, 1)
+        new = model.get_submodule(first)
+        assert new is not old and new.in_channels == 1 and new.weight.shape[0] == old.weight.shape[0]
+        assert (new.kernel_size, new.stride, new.padding) == (old.kernel_size, old.stride, old.padding)
+        with torch.no_grad():
+            assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)

@@ -109,3 +109,13 @@ def test_evaluate_restores_mixed_training_flags(loaders8):
     model[1].eval()  # e.g. a frozen BatchNorm
     evaluate(model, loaders8[1])
     assert model.training and not model[1].training and model[5].training
+
+
+def test_eval_mode_is_the_shared_helper_and_still_importable_from_train():
+    from fusionlib import modules, train
+
+    assert train.eval_mode is modules.eval_mode
+    model = small_cnn().train()
+    with train.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())

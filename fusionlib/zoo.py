@@ -1,0 +1,188 @@
+"""Trained models for the notebooks, trained once and then served from a disk cache.
+
+:func:`trained_model` trains a :mod:`fusionlib.models` builder on the digits
+with :func:`fusionlib.train.fit` the first time it is asked for a set of
+parameters, and stores the state dict and the metrics under
+``{cache_dir()}/{name}-{cache_key(params)}.pt``; every later call with the same
+parameters (in any notebook or process) loads that file instead. The key
+hashes every training parameter, the torch and torchvision versions and
+``CACHE_VERSION``, so a changed recipe never serves stale weights.
+
+All names here are re-exported by :mod:`fusionlib.models`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import ResNet
+
+from fusionlib.modules import set_submodule
+
+__all__ = ["CACHE_VERSION", "DEFAULT_LR", "cache_dir", "cache_key", "trained_model"]
+
+#: Bump when a builder, the data pipeline or the training recipe changes, so
+#: old cache entries are not served for the new recipe.
+CACHE_VERSION = 1
+
+#: Peak learning rates of the one-cycle schedule, per model: chosen so that
+#: the default 3 epochs train each model well on the digits.
+DEFAULT_LR = {"resnet18": 0.03, "mobilenet_v2": 0.05}
+
+
+def cache_dir() -> Path:
+    """``$FUSIONLIB_CACHE``, else ``$XDG_CACHE_HOME/fusionlib``, else ``~/.cache/fusionlib``."""
+    if os.environ.get("FUSIONLIB_CACHE"):
+        return Path(os.environ["FUSIONLIB_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "fusionlib"
+    return Path.home() / ".cache" / "fusionlib"
+
+
+def cache_key(params: dict[str, Any]) -> str:
+    """SHA-256 (hex, first 16 digits) of the parameters, torch/torchvision versions and CACHE_VERSION."""
+    payload = {
+        "params": params,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cache_version": CACHE_VERSION,
+    }
+    text = json.dumps(payload, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def trained_model(
+    name: str = "resnet18",
+    epochs: int = 3,
+    image_size: int = 32,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    channels: int = 3,
+    small_input: bool = True,
+    test_fraction: float = 0.2,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A model trained on the digits, from the disk cache when available.
+
+    Trains ``build(name, num_classes=10, small_input=small_input)`` with
+    :func:`fusionlib.train.fit` (SGD + Nesterov momentum, one-cycle schedule)
+    on :func:`fusionlib.data.digits_loaders`. ``lr=None`` picks
+    ``DEFAULT_LR[name]``. The state dict and metrics are cached in
+    :func:`cache_dir` under ``{name}-{cache_key}.pt``, keyed by every parameter
+    here except ``progress`` / ``use_cache``, plus the torch version; the file is
+    written atomically (temporary file + rename). ``use_cache=False`` neither
+    reads nor writes the cache.
+
+    Returns ``(model.eval(), metrics)``; ``metrics`` has ``test_accuracy``
+    (last epoch, in [0, 1]), ``train_seconds`` (of the run that trained it),
+    ``epochs``, ``history`` (:func:`fit`'s rows), ``params``, ``key``,
+    ``path`` and ``cached`` (True when loaded from disk).
+    """
+    from fusionlib.data import digits_loaders
+    from fusionlib.models import BUILDERS, build  # here, not at the top: fusionlib.models re-exports this module
+    from fusionlib.train import fit, seed_everything
+
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(BUILDERS)}.")
+    params = {
+        "name": name,
+        "epochs": epochs,
+        "image_size": image_size,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": DEFAULT_LR[name] if lr is None else float(lr),
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "channels": channels,
+        "small_input": small_input,
+        "test_fraction": test_fraction,
+    }
+    key = cache_key(params)
+    path = cache_dir() / f"{name}-{key}.pt"
+
+    def fresh_model() -> nn.Module:
+        seed_everything(seed)  # same initial weights on every run
+        model = build(name, num_classes=10, small_input=small_input)
+        if channels != 3:
+            _set_input_channels(model, channels)
+        return model
+
+    if use_cache and path.exists():
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            model = fresh_model()
+            model.load_state_dict(entry["state_dict"])
+            metrics = dict(entry["metrics"], cached=True, path=str(path))
+            return model.eval(), metrics
+        except Exception as exc:  # a corrupt or stale file: retrain and overwrite it
+            warnings.warn(f"Ignoring unreadable cache entry {path} ({exc.__class__.__name__}: {exc}); retraining.")
+
+    model = fresh_model()
+
+    train_loader, test_loader = digits_loaders(
+        batch_size=batch_size, image_size=image_size, channels=channels, test_fraction=test_fraction, seed=seed
+    )
+    start = time.perf_counter()
+    history = fit(
+        model,
+        train_loader,
+        epochs,
+        lr=params["lr"],
+        seed=seed,
+        test_loader=test_loader,
+        progress=progress,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )
+    metrics: dict[str, Any] = {
+        "test_accuracy": history[-1]["test_acc"],
+        "train_seconds": time.perf_counter() - start,
+        "epochs": epochs,
+        "history": history,
+        "params": params,
+        "key": key,
+    }
+    model.eval()
+    if use_cache:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        _save_atomically({"state_dict": state, "metrics": metrics}, path)
+    return model, dict(metrics, cached=False, path=str(path))
+
+
+def _set_input_channels(model: nn.Module, channels: int) -> None:
+    """Replace the first conv so the model takes ``channels`` input channels (same name, same shape otherwise)."""
+    name = "conv1" if isinstance(model, ResNet) else "features.0.0"
+    old = model.get_submodule(name)
+    new = nn.Conv2d(
+        channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation, old.groups, old.bias is not None
+    )
+    set_submodule(model, name, new)
+
+
+def _save_atomically(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
