@@ -525,8 +525,14 @@ def test_optimize_for_inference_matches_eager(name: str, layout: str) -> None:
     assert not any(isinstance(m, (nn.Dropout, nn.BatchNorm2d)) for m in modules.values())
     steps = [s.name for s in gm.optimization_report.steps]
     assert steps == ["fold_batchnorm", "remove_dropout", "remove_identity", layout]
-    if layout == "mkldnn" and name == "resnet18":  # one region: every conv, two conversions
+    if layout == "mkldnn" and name == "resnet18":  # shapes unknown: the residual adds stay dense
         assert sum(isinstance(m, MkldnnConv2d) for m in modules.values()) == 20
+        adds = [n for n in gm.graph.nodes if n.target is operator.add]
+        assert len(adds) == 8 and all(a.target == "to_dense" for n in adds for a in n.args)
+        # with example inputs the shapes are known: one region, every conv, two conversions
+        gm = ffx.optimize_for_inference(model, x, passes=("fold_batchnorm", "remove_dropout", "remove_identity",
+                                                          layout))
+        assert sum(isinstance(m, MkldnnConv2d) for m in gm.modules()) == 20
         assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["to_mkldnn", "to_dense"]
     if layout == "channels_last":
         assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
@@ -539,10 +545,11 @@ def test_optimize_for_inference_with_example_inputs_checks_and_reports() -> None
     gm = ffx.optimize_for_inference(model, x)
     report = gm.optimization_report
     assert report.max_rel_error is not None and report.max_rel_error <= RTOL
-    assert "chose" in report.steps[-1].summary and "measured" in report.steps[-1].summary
+    assert [s.name for s in report.steps] == list(ffx.DEFAULT_PASSES)
+    assert "stored channels-last" in report.steps[-1].summary
     assert "removed 1 dropout" in str(report)
     outputs_close(model, gm, torch.randn(1, 3, 64, 64))
-    outputs_close(model, copy.deepcopy(gm), x)  # MKLDNN weights survive a copy
+    outputs_close(model, copy.deepcopy(gm), x)  # the optimized graph survives a copy
 
 
 def test_optimize_for_inference_check_catches_a_wrong_pass() -> None:

@@ -16,7 +16,15 @@ only when that is exact:
   channel counts, and both modules are torch's own classes (a subclass may override
   ``forward``);
 * no forward hook would change meaning (a hook on the conv would see the BatchNorm output,
-  hooks on the BatchNorm would be lost).
+  hooks on the BatchNorm would be lost);
+* nothing else in the graph reads the two modules: no ``get_attr`` node reads one of their
+  parameters or buffers (``x + self.conv.weight.sum()`` would see ``W'`` instead of ``W``
+  once folded; BatchNorm's tensors are frozen into the layer, out of such a reader's
+  sight), and no other module call contains them (a leaf module holding the conv).
+
+Modules are told apart by *identity*, not by name: one module can sit under two names
+(``self.conv2 = self.conv``, see ``named_modules(remove_duplicate=False)``); calls through
+either name are call sites of the same module.
 
 Everything else is left as it was; :class:`FusionReport` says what was folded and why the
 rest was skipped. Functional ``F.batch_norm`` calls are out of scope (left untouched).
@@ -33,7 +41,8 @@ import torch.fx as fx
 from torch import nn
 
 from fusionlib.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-from fusionlib.fx.tracing import require_eval_mode, set_submodule, symbolic_trace
+from fusionlib.fx.tracing import modules_by_name, symbolic_trace
+from fusionlib.modules import require_eval_mode, set_submodule
 
 __all__ = ["FusedPair", "SkippedBatchNorm", "FusionReport", "fuse_conv_bn", "BATCHNORM_TYPES",
            "count_batchnorm_nodes"]
@@ -140,18 +149,64 @@ class FusionReport:
 
 def count_batchnorm_nodes(gm: fx.GraphModule) -> int:
     """Number of ``call_module`` nodes that run a BatchNorm module (any ``_BatchNorm``)."""
-    modules = dict(gm.named_modules())
+    modules = modules_by_name(gm)
     return sum(1 for n in gm.graph.nodes
                if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm))
 
 
-def _call_sites(graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    """Module name -> the ``call_module`` nodes that run it."""
-    sites: dict[str, list[fx.Node]] = defaultdict(list)
+def _call_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[int, list[fx.Node]]:
+    """``id(module)`` -> the ``call_module`` nodes that run it, under any of its names."""
+    sites: dict[int, list[fx.Node]] = defaultdict(list)
     for n in graph.nodes:
         if n.op == "call_module":
-            sites[n.target].append(n)
+            sites[id(modules[n.target])].append(n)
     return sites
+
+
+def _resolve_attr(root: nn.Module, target: str) -> Any:
+    """The object a ``get_attr`` node reads: ``root.<target>`` for a dotted name."""
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+@dataclass
+class _OtherUses:
+    """Uses of modules and tensors other than calling the module itself.
+
+    ``modules``: ``id(module)`` -> nodes that reach it without calling it (a ``get_attr`` of
+    it or of a module containing it, a call of a module containing it). ``tensors``:
+    ``id(tensor)`` -> ``get_attr`` nodes that read it.
+    """
+
+    modules: dict[int, list[fx.Node]] = field(default_factory=lambda: defaultdict(list))
+    tensors: dict[int, list[fx.Node]] = field(default_factory=lambda: defaultdict(list))
+
+    def of(self, module: nn.Module) -> list[fx.Node]:
+        """Nodes that use ``module`` (or one of its parameters / buffers) other than by calling it."""
+        readers = dict.fromkeys(self.modules.get(id(module), []))
+        for t in [*module.parameters(), *module.buffers()]:
+            readers.update(dict.fromkeys(self.tensors.get(id(t), [])))
+        return list(readers)
+
+
+def _other_uses(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> _OtherUses:
+    uses = _OtherUses()
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            called = modules[n.target]
+            for inner in called.modules():
+                if inner is not called:
+                    uses.modules[id(inner)].append(n)
+        elif n.op == "get_attr":
+            obj = _resolve_attr(gm, n.target)
+            if isinstance(obj, nn.Module):
+                for inner in obj.modules():
+                    uses.modules[id(inner)].append(n)
+            elif isinstance(obj, torch.Tensor):
+                uses.tensors[id(obj)].append(n)
+    return uses
 
 
 def _why_not_foldable(bn_node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str] | None:
@@ -210,9 +265,9 @@ class _Candidate:
 
 
 def _plan(gm: fx.GraphModule, modules: dict[str, nn.Module], report: FusionReport
-          ) -> dict[str, list[_Candidate]]:
-    """Group foldable candidates by layer module; record the rest in ``report.skipped``."""
-    by_layer: dict[str, list[_Candidate]] = defaultdict(list)
+          ) -> dict[int, list[_Candidate]]:
+    """Group foldable candidates by layer module (``id``); record the rest in ``report.skipped``."""
+    by_layer: dict[int, list[_Candidate]] = defaultdict(list)
     for n in gm.graph.nodes:
         if n.op != "call_module" or not isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm):
             continue
@@ -226,22 +281,55 @@ def _plan(gm: fx.GraphModule, modules: dict[str, nn.Module], report: FusionRepor
         if why_not is not None:
             report.skipped.append(SkippedBatchNorm(n.target, n.name, *why_not, layer=layer_name))
             continue
-        by_layer[layer_name].append(_Candidate(layer_node, n))
+        by_layer[id(modules[layer_name])].append(_Candidate(layer_node, n))
     return by_layer
 
 
-def _why_not_shareable(layer_name: str, candidates: list[_Candidate], sites: list[fx.Node]
+def _why_not_shareable(candidates: list[_Candidate], sites: list[fx.Node], modules: dict[str, nn.Module]
                        ) -> tuple[str, str] | None:
-    """A layer module called at several sites folds only if every site feeds the same BatchNorm."""
-    bn_names = sorted({c.bn_node.target for c in candidates})
-    if len(bn_names) > 1:
-        return "shared layer", (f"'{layer_name}' is called at sites followed by different BatchNorms "
-                                f"{bn_names}; one module can hold only one folded BatchNorm")
+    """A layer module called at several sites folds only if every site feeds the same BatchNorm.
+
+    ``sites`` are all calls of the layer module, under any of its names (an alias such as
+    ``self.conv2 = self.conv`` is the same module: replacing it changes every call).
+    """
+    layer_name = candidates[0].layer_node.target
+    other_names = [name for name in dict.fromkeys(s.target for s in sites) if name != layer_name]
+    aliases = f" (also named {other_names}: one module under several names)" if other_names else ""
+    bns = {id(modules[c.bn_node.target]): c.bn_node.target for c in candidates}
+    if len(bns) > 1:
+        return "shared layer", (f"'{layer_name}'{aliases} is called at sites followed by different BatchNorms "
+                                f"{sorted(bns.values())}; one module can hold only one folded BatchNorm")
     folded_sites = {c.layer_node for c in candidates}
     others = [s.name for s in sites if s not in folded_sites]
     if others:
-        return "shared layer", (f"'{layer_name}' is also called at {others} without this BatchNorm after it; "
-                                "folding would change that call")
+        return "shared layer", (f"'{layer_name}'{aliases} is also called at {others} without this BatchNorm "
+                                "after it; folding would change that call")
+    return None
+
+
+def _describe_readers(readers: list[fx.Node]) -> str:
+    shown = [f"'{r.target}' (node '{r.name}')" for r in readers[:3]]
+    more = f" and {len(readers) - 3} more" if len(readers) > 3 else ""
+    return ", ".join(shown) + more
+
+
+def _why_not_unread(layer: nn.Module, bn: nn.Module, layer_name: str, bn_name: str, uses: _OtherUses
+                    ) -> tuple[str, str] | None:
+    """Folding is exact only if the graph uses ``layer`` and ``bn`` nowhere but in their calls.
+
+    A reader of the layer's weight or bias would see the folded ``W·s`` / ``(b − μ)·s + β``
+    instead of ``W`` / ``b``. BatchNorm's tensors are copied into the folded layer once, at
+    fuse time: the graph would then hold two copies that must agree, and a reader that
+    updates them in place would no longer reach the output. Both are left, conservatively.
+    """
+    layer_readers, bn_readers = uses.of(layer), uses.of(bn)
+    if layer_readers:
+        return "read elsewhere", (f"the graph also reads {_describe_readers(layer_readers)} of '{layer_name}'; "
+                                  "folding rewrites its weight and bias, so that reader would see the "
+                                  "folded values")
+    if bn_readers:
+        return "read elsewhere", (f"the graph also reads {_describe_readers(bn_readers)} of '{bn_name}'; "
+                                  f"folding freezes those tensors into '{layer_name}', out of that reader's sight")
     return None
 
 
@@ -285,27 +373,33 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, *,
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         with torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
-    modules = dict(gm.named_modules())
+    modules = modules_by_name(gm)  # every name, aliases included
     report = FusionReport(name)
-    sites = _call_sites(gm.graph)
+    sites = _call_sites(gm.graph, modules)
+    uses = _other_uses(gm, modules)
 
     # 1. decide and compute every folded module before touching the graph
-    planned: list[tuple[str, nn.Module, list[_Candidate]]] = []
-    for layer_name, candidates in _plan(gm, modules, report).items():
-        why_not = _why_not_shareable(layer_name, candidates, sites[layer_name])
+    planned: list[tuple[list[str], nn.Module, list[_Candidate]]] = []
+    for layer_id, candidates in _plan(gm, modules, report).items():
+        layer_name, bn_name = candidates[0].layer_node.target, candidates[0].bn_node.target
+        layer, bn = modules[layer_name], modules[bn_name]
+        why_not = (_why_not_shareable(candidates, sites[layer_id], modules)
+                   or _why_not_unread(layer, bn, layer_name, bn_name, uses))
         if why_not is not None:
-            report.skipped.extend(SkippedBatchNorm(c.bn_node.target, c.bn_node.name, *why_not, layer=layer_name)
-                                  for c in candidates)
+            report.skipped.extend(SkippedBatchNorm(c.bn_node.target, c.bn_node.name, *why_not,
+                                                   layer=c.layer_node.target) for c in candidates)
             continue
-        bn_name = candidates[0].bn_node.target
-        fused = _fold(modules[layer_name], modules[bn_name])
-        planned.append((layer_name, fused, candidates))
-        kind = f"{type(modules[layer_name]).__name__}+{type(modules[bn_name]).__name__}"
-        report.fused.append(FusedPair(layer_name, bn_name, kind, len(candidates)))
+        fused = _fold(layer, bn)
+        names = list(dict.fromkeys(c.layer_node.target for c in candidates))
+        planned.append((names, fused, candidates))
+        report.fused.append(FusedPair(layer_name, bn_name, f"{type(layer).__name__}+{type(bn).__name__}",
+                                      len(candidates)))
 
-    # 2. rewrite: the layer holds the folded weights, the BatchNorm nodes disappear
-    for layer_name, fused, candidates in planned:
-        set_submodule(gm, layer_name, fused)
+    # 2. rewrite: the layer (under each name it is called by) holds the folded weights,
+    #    the BatchNorm nodes disappear
+    for names, fused, candidates in planned:
+        for layer_name in names:
+            set_submodule(gm, layer_name, fused)
         for c in candidates:
             c.bn_node.replace_all_uses_with(c.layer_node)
             gm.graph.erase_node(c.bn_node)

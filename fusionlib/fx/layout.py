@@ -13,13 +13,20 @@ when it is handed NCHW tensors and plain weights. Two ways to stop paying that p
   (:class:`MkldnnConv2d`). A ``to_mkldnn`` node enters a region, a ``to_dense`` node leaves
   it; a region is converted only if it pays: it contains a convolution and at least
   :data:`MIN_REGION_NODES` nodes, otherwise the two conversions cost more than they save.
+  The weight re-ordering is a *private* torch op, ``torch._C._nn.mkldnn_reorder_conv2d_weight``
+  (the one torch's own ``torch.fx.experimental.optimization.optimize_for_inference`` uses);
+  it may change or disappear in a torch release without notice.
 
 This is the idea of ``torch.fx.experimental.optimization.optimize_for_inference``, written
 again to be read (and without TorchScript modules). Unlike it, a multiply never enters a
 region (MKLDNN has no broadcasting; torch's pass fails on RegNetY's squeeze-excitation),
-nor does an in-place op whose input has other readers. :func:`choose_layout` picks one of
-the two layouts by measuring, or, without example inputs, by how many convolutions MKLDNN
-regions would hold and how many conversions they would need.
+nor does an in-place op whose input has other readers, nor an add whose operands' shapes
+are not known to be equal (oneDNN's sum has no broadcasting either: ``y + pool(y)`` fails
+with "could not create a primitive descriptor for the sum primitive"; shapes are known
+after ``torch.fx.passes.shape_prop.ShapeProp``, which :func:`to_mkldnn` runs when given
+example inputs). :func:`choose_layout` picks one of the two layouts by a static rule (how
+many convolutions MKLDNN regions would hold and how many conversions they would need), or,
+with ``timed=True``, by measuring both on example inputs.
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionlib.bench import compare_latency
-from fusionlib.fx.tracing import set_submodule
+from fusionlib.fx.tracing import modules_by_name
+from fusionlib.modules import set_submodule
 
 __all__ = [
     "MkldnnConv2d",
@@ -44,6 +52,7 @@ __all__ = [
     "to_mkldnn",
     "to_channels_last",
     "choose_layout",
+    "propagate_shapes",
     "LAYOUTS",
 ]
 
@@ -126,9 +135,15 @@ _BINARY_FUNCTIONS = {operator.add, torch.add}  # only between two MKLDNN tensors
 
 
 def _same_shapes(a: fx.Node, b: fx.Node) -> bool:
-    """Equal shapes when ShapeProp ran; assumed (a residual add) when shapes are unknown."""
+    """Both shapes known (``ShapeProp`` ran) and equal.
+
+    oneDNN's sum primitive has no broadcasting: ``y + pool(y)`` (``[N, C, H, W] + [N, C, 1, 1]``)
+    on MKLDNN tensors raises "could not create a primitive descriptor for the sum primitive".
+    Unknown shapes are *not* assumed equal, so without shapes no binary op enters a region.
+    """
     ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
-    return ma is None or mb is None or tuple(ma.shape) == tuple(mb.shape)
+    shapes = [getattr(m, "shape", None) for m in (ma, mb)]
+    return all(isinstance(sh, torch.Size) for sh in shapes) and tuple(shapes[0]) == tuple(shapes[1])
 
 
 def _hidden_mutation(node: fx.Node, in_place: bool) -> bool:
@@ -137,14 +152,14 @@ def _hidden_mutation(node: fx.Node, in_place: bool) -> bool:
     return in_place and isinstance(source, fx.Node) and len(source.users) > 1
 
 
-def _runs_on_mkldnn(n: fx.Node, modules: dict[str, nn.Module], call_counts: dict[str, int],
+def _runs_on_mkldnn(n: fx.Node, modules: dict[str, nn.Module], call_counts: dict[int, int],
                     on: set[fx.Node]) -> bool:
     """Can node ``n`` take and return MKLDNN tensors? (``on``: the earlier nodes that can.)"""
     takes_one_node = len(n.args) >= 1 and isinstance(n.args[0], fx.Node)
     if n.op == "call_module":
         m = modules[n.target]
-        if type(m) is nn.Conv2d and call_counts[n.target] > 1:
-            return False  # a shared conv would be converted for every call site
+        if type(m) is nn.Conv2d and call_counts[id(m)] > 1:
+            return False  # a shared conv (under any of its names) would be converted for every call site
         return (_module_runs_on_mkldnn(m) and takes_one_node and len(n.args) == 1 and not n.kwargs
                 and not _hidden_mutation(n, getattr(m, "inplace", False)))
     if n.op == "call_function" and n.target in _ALWAYS_FUNCTIONS:
@@ -158,11 +173,12 @@ def _runs_on_mkldnn(n: fx.Node, modules: dict[str, nn.Module], call_counts: dict
 
 def _mkldnn_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes that can run on MKLDNN tensors, in one topological sweep."""
-    modules = dict(gm.named_modules())
-    call_counts: dict[str, int] = {}
+    modules = modules_by_name(gm)
+    call_counts: dict[int, int] = {}  # by module identity: one module may have several names
     for n in gm.graph.nodes:
         if n.op == "call_module":
-            call_counts[n.target] = call_counts.get(n.target, 0) + 1
+            key = id(modules[n.target])
+            call_counts[key] = call_counts.get(key, 0) + 1
     on: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if _runs_on_mkldnn(n, modules, call_counts, on):
@@ -210,7 +226,7 @@ def mkldnn_regions(gm: fx.GraphModule) -> list[MkldnnRegion]:
         for a in n.all_input_nodes:
             if a in on:
                 parent[root(a)] = root(n)
-    modules = dict(gm.named_modules())
+    modules = modules_by_name(gm)
     regions: dict[fx.Node, MkldnnRegion] = {}
     for n in gm.graph.nodes:  # graph order keeps each region's nodes topologically sorted
         if n in on:
@@ -246,9 +262,31 @@ def _convert_region(gm: fx.GraphModule, region: MkldnnRegion, modules: dict[str,
     return len(inputs) + len(outputs)
 
 
-def to_mkldnn(gm: fx.GraphModule, region_pays: Callable[[MkldnnRegion], bool] = MkldnnRegion.pays) -> str:
-    """Run every region that pays on MKLDNN tensors (in place); return a one-line summary."""
-    modules = dict(gm.named_modules())
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any] | torch.Tensor) -> None:
+    """Record every node's output shape in ``node.meta["tensor_meta"]`` (``ShapeProp``, no autograd)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+
+
+def to_mkldnn(gm: fx.GraphModule, region_pays: Callable[[MkldnnRegion], bool] = MkldnnRegion.pays,
+              example_inputs: Sequence[Any] | torch.Tensor | None = None) -> str:
+    """Run every region that pays on MKLDNN tensors (in place); return a one-line summary.
+
+    ``example_inputs``: if given, shapes are propagated first (``ShapeProp``), so residual
+    adds of equal shapes can join a region; without them (and without shapes recorded
+    earlier) no add enters a region, since oneDNN cannot broadcast.
+
+    Relies on private torch ops: :class:`MkldnnConv2d` re-orders its weight with
+    ``torch._C._nn.mkldnn_reorder_conv2d_weight`` and runs ``torch.mkldnn_convolution``, as
+    torch's own ``torch.fx.experimental.optimization.optimize_for_inference`` does. They are
+    not a public API and may change with a torch release.
+    """
+    if example_inputs is not None:
+        propagate_shapes(gm, example_inputs)
+    modules = modules_by_name(gm)
     regions = mkldnn_regions(gm)
     kept = [r for r in regions if region_pays(r)]
     conversions = sum(_convert_region(gm, r, modules) for r in kept)
@@ -316,47 +354,71 @@ def _mkldnn_pays_statically(gm: fx.GraphModule) -> tuple[bool, str]:
     conversions, i.e. long Conv-ReLU-add chains as in ResNets; else channels-last.
 
     Depthwise-separable nets (MobileNets, EfficientNets) break the regions at every ReLU6 /
-    SiLU / Hardswish / SE multiply: many short regions, one pair of conversions each.
+    SiLU / Hardswish / SE multiply: many short regions, one pair of conversions each. Without
+    shapes, residual adds cannot join a region either (see :func:`_same_shapes`).
     """
-    modules = dict(gm.named_modules())
+    modules = modules_by_name(gm)
     convs = sum(1 for n in gm.graph.nodes if n.op == "call_module" and type(modules[n.target]) is nn.Conv2d)
     paying = [r for r in mkldnn_regions(gm) if r.pays()]
     covered = sum(r.num_convs for r in paying)
     conversions = sum(r.conversions() for r in paying)
     share = covered / convs if convs else 0.0
     pays = share >= 0.9 and conversions <= covered / 4
-    return pays, (f"MKLDNN regions would hold {covered}/{convs} convolutions "
+    return pays, (f"static rule: MKLDNN regions would hold {covered}/{convs} convolutions "
                   f"with {conversions} layout conversions")
 
 
-def choose_layout(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None,
+def _time_layouts(gm: fx.GraphModule, example_inputs: tuple[Any, ...], candidates: Sequence[str],
+                  warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds of ``gm(*example_inputs)`` with each layout applied to a copy
+    (alternating rounds, :func:`fusionlib.bench.compare_latency`)."""
+    versions = {}
+    for name in candidates:
+        version = copy.deepcopy(gm)  # keeps the shapes recorded in node.meta
+        LAYOUTS[name](version)
+        versions[name] = version
+    table = compare_latency({k: (lambda v=v: v(*example_inputs)) for k, v in versions.items()},
+                            warmup=warmup, repeats=repeats)
+    return {row.name: row.median_ms for row in table.rows}
+
+
+def choose_layout(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
                   candidates: Sequence[str] = ("mkldnn", "channels_last", "dense"),
-                  warmup: int = 1, repeats: int = 5) -> str:
+                  warmup: int = 1, repeats: int = 5, *, timed: bool = False) -> str:
     """Apply the layout that pays (in place); return a summary naming it and why.
 
-    With ``example_inputs``: each candidate is applied to a copy and timed (alternating
-    runs, medians); the fastest wins. Without: MKLDNN if its regions would hold at least 90%
+    Default (``timed=False``), deterministic: MKLDNN if its regions would hold at least 90%
     of the convolutions with at most one conversion per four convolutions (long
     Conv-ReLU-add chains, as in ResNets), else channels-last (MobileNets, EfficientNets:
-    ReLU6 / SiLU / Hardswish / SE multiplies cut MKLDNN regions short).
+    ReLU6 / SiLU / Hardswish / SE multiplies cut MKLDNN regions short). ``example_inputs``,
+    if given, are only used to propagate shapes (residual adds join MKLDNN regions only
+    with known, equal shapes); nothing is timed.
+
+    ``timed=True`` (needs ``example_inputs``): each candidate is applied to a copy and timed
+    (``warmup`` untimed rounds, then ``repeats`` alternating rounds); the smallest median
+    wins, and the summary lists the median milliseconds of every candidate. The choice then
+    depends on the machine and on its load at that moment: two calls may choose differently.
     """
     unknown = [c for c in candidates if c not in LAYOUTS]
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; choose from {sorted(LAYOUTS)}")
-    if example_inputs is None:
+    if not candidates:
+        raise ValueError("choose_layout needs at least one candidate layout")
+    inputs = None
+    if example_inputs is not None:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if timed and inputs is None:
+        raise ValueError("choose_layout(timed=True) needs example_inputs to time the candidates on")
+    if inputs is not None:
+        propagate_shapes(gm, inputs)
+    if timed:
+        medians = _time_layouts(gm, inputs, candidates, warmup, repeats)
+        choice = min(medians, key=medians.get)
+        detail = (f"timed, median of {repeats} alternating runs each: "
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in medians.items()))
+    else:
         mkldnn_pays, detail = _mkldnn_pays_statically(gm)
         preferred = ["mkldnn", "channels_last"] if mkldnn_pays else ["channels_last", "mkldnn"]
         choice = next((c for c in preferred if c in candidates), candidates[0])
-    else:
-        versions = {}
-        for name in candidates:
-            version = copy.deepcopy(gm)
-            LAYOUTS[name](version)
-            versions[name] = version
-        table = compare_latency({k: (lambda v=v: v(*example_inputs)) for k, v in versions.items()},
-                                warmup=warmup, repeats=repeats)
-        medians = {row.name: row.median_ms / 1e3 for row in table.rows}
-        choice = min(medians, key=medians.get)
-        detail = "measured " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in medians.items())
     summary = LAYOUTS[choice](gm)
     return f"chose {choice} ({detail}): {summary}"

@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fusionlib.fx.tracing import node_op_type, symbolic_trace
+from fusionlib.display import format_table
+from fusionlib.fx.tracing import modules_by_name, node_op_type, symbolic_trace
 
 __all__ = ["ProfileRow", "ProfileTable", "ProfilingInterpreter"]
 
@@ -56,17 +57,15 @@ class ProfileTable:
 
     def __str__(self) -> str:
         first = "nodes" if self.by_op_type else "node"
-        header = ["op type", first, "mean ms", "% total"]
-        body = [[r.op_type, str(r.count) if self.by_op_type else r.node,
-                 f"{r.mean_seconds * 1e3:.3f}", f"{r.percent:.1f}"] for r in self.rows]
-        widths = [max(len(x) for x in col) for col in zip(header, *body)]
-        align = [str.ljust, str.ljust, str.rjust, str.rjust]
-        fmt = lambda row: "  ".join(a(c, w) for a, c, w in zip(align, row, widths)).rstrip()  # noqa: E731
-        lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
+        body = [[r.op_type, r.count if self.by_op_type else r.node, r.mean_seconds * 1e3, r.percent]
+                for r in self.rows]
+        table = format_table(["op type", first, "mean ms", "% total"], body, floatfmt=("", "", ".3f", ".1f"),
+                             colalign=("left", "right" if self.by_op_type else "left", "right", "right"))
+        lines = table.splitlines()
         if self.hidden_rows:
             lines.append(f"... {self.hidden_rows} more rows")
         lines.append(f"total {self.total_seconds * 1e3:.3f} ms per run (sum over nodes, mean of {self.runs} run(s))")
-        return "\n".join(lines)
+        return "\n".join(line.rstrip() for line in lines)
 
     def plot(self, ax: Any = None, title: str | None = None) -> Any:
         """Horizontal bars of % of total, largest on top; returns the matplotlib Axes."""
@@ -92,7 +91,7 @@ class ProfilingInterpreter(fx.Interpreter):
     def __init__(self, model: nn.Module, **trace_kwargs: Any) -> None:
         gm = model if isinstance(model, fx.GraphModule) else symbolic_trace(model, **trace_kwargs)
         super().__init__(gm)
-        self._modules_by_name = dict(gm.named_modules())
+        self._modules_by_name = modules_by_name(gm)
         self.node_seconds: dict[str, list[float]] = defaultdict(list)
         self.runs = 0
         self.recording = True

@@ -33,6 +33,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fusionlib.display import format_table
+from fusionlib.modules import require_eval_mode, set_submodule  # re-exported: fusionlib.fx.tracing.* still works
+
 #: Re-export: ``wrap("fn")`` at a module's top level makes ``fn`` a leaf for every trace.
 wrap = fx.wrap
 
@@ -45,6 +48,7 @@ __all__ = [
     "print_tabular",
     "callable_name",
     "node_op_type",
+    "modules_by_name",
     "set_submodule",
     "require_eval_mode",
 ]
@@ -317,6 +321,16 @@ def callable_name(fn: Any) -> str:
     return f"{module}.{name}" if module else name
 
 
+def modules_by_name(root: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule under every name it has, aliases included.
+
+    ``dict(root.named_modules())`` lists a module shared under two names
+    (``self.conv2 = self.conv``) only once, so a graph node calling it by the other name
+    would not be found; ``remove_duplicate=False`` keeps both names.
+    """
+    return dict(root.named_modules(remove_duplicate=False))
+
+
 def node_op_type(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """What a node computes: the module class, function or method name, or the opcode."""
     if node.op == "call_module":
@@ -334,44 +348,22 @@ def _short(value: Any, width: int) -> str:
 
 
 def format_tabular(gm: fx.GraphModule | fx.Graph, max_width: int = 48) -> str:
-    """The graph as a fixed-width table: opcode, name, target, args, kwargs (no ``tabulate``)."""
+    """The graph as a table: opcode, name, target, args, kwargs; one row per node.
+
+    Cells longer than ``max_width`` characters are cut short with ``...`` (one line per
+    node). Rendered by :func:`fusionlib.display.format_table` (``tabulate``, which torch's
+    own ``Graph.print_tabular`` uses too).
+    """
     graph = gm.graph if isinstance(gm, fx.GraphModule) else gm
-    rows = [["opcode", "name", "target", "args", "kwargs"]]
+    header = ["opcode", "name", "target", "args", "kwargs"]
+    rows = []
     for n in graph.nodes:
         target = n.target if isinstance(n.target, str) else callable_name(n.target)
-        rows.append([n.op, n.name, target, n.args, n.kwargs if n.kwargs else ""])
-    cells = [[_short(c, max_width) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+        rows.append([_short(c, max_width) for c in (n.op, n.name, target, n.args, n.kwargs if n.kwargs else "")])
+    table = format_table(header, rows, colalign=["left"] * len(header))
+    return "\n".join(line.rstrip() for line in table.splitlines())
 
 
 def print_tabular(gm: fx.GraphModule | fx.Graph, max_width: int = 48) -> None:
     """Print :func:`format_tabular`."""
     print(format_tabular(gm, max_width))
-
-
-# --------------------------------------------------------------------------- small shared helpers
-
-def set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
-    """``root.<qualname> = new`` for a dotted name (``layer1.0.conv1``)."""
-    parent_name, _, leaf = qualname.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, new)
-
-
-def require_eval_mode(model: nn.Module, what: str, because: str) -> None:
-    """Raise ``ValueError`` naming the modules in training mode; ``because`` says why it matters."""
-    if isinstance(model, fx.GraphModule):  # control flow is fixed: only the modules it calls matter
-        called = dict.fromkeys(n.target for n in model.graph.nodes if n.op == "call_module")
-        training = [name for name in called if model.get_submodule(name).training]
-    else:  # tracing would bake the training-mode branches of every forward into the graph
-        training = [name or "<root>" for name, m in model.named_modules() if m.training]
-    if training:
-        shown = ", ".join(f"'{n}'" for n in training[:5])
-        if len(training) > 5:
-            shown += f" and {len(training) - 5} more"
-        raise ValueError(
-            f"{what} needs a model in eval mode: {because}. '{type(model).__name__}' has modules in "
-            f"training mode ({shown}); call model.eval() first.")
