@@ -11,7 +11,7 @@ def one_torch_thread():
 
     The test inputs are small and gain nothing from a second thread, and on a
     busy 2-core machine two OpenMP threads waiting for each other make every op
-    many times slower (test_fx.py took 200 s instead of 15 s that way).
+    many times slower.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
