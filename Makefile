@@ -6,7 +6,17 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: setup check-env run test unit nbval lab student clean
+# JupyterLab for the course: the settings in jupyter/labconfig/ (no "get notified
+# about official Jupyter news?" toast, no update check), and --allow-root when
+# running as root, as in workshop containers.
+LAB_ENV   := JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))"
+LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root)
+# Notebooks run two at a time under `make test` (each notebook stays on one worker).
+# `make test JOBS=1` runs them one after another.
+JOBS ?= 2
+XDIST = $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadfile)
+
+.PHONY: setup check-env run test unit nbval browser lab lab-student student facilitator clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,21 +33,40 @@ check-env: $(STAMP)
 run: check-env
 	$(PY) -m fusionlib.experiments run $(NOTEBOOKS)
 
+# Unit tests and notebooks first; then JupyterLab in a browser, once the trained-model cache is warm.
 test: check-env
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(XDIST) \
+		--ignore=tests/test_browser.py
+	$(PY) -m pytest tests/test_browser.py -p no:cacheprovider
 
 unit: check-env
-	$(PY) -m pytest tests -p no:cacheprovider
+	$(PY) -m pytest tests -p no:cacheprovider --ignore=tests/test_browser.py
 
 nbval: check-env
-	$(PY) -m pytest notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+	$(PY) -m pytest notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(XDIST)
 
+# Runs notebook 00 and a student notebook in headless Chromium (screenshots in artifacts/browser/).
+browser: check-env
+	$(PY) -m pytest tests/test_browser.py -p no:cacheprovider -v
+
+# The full edition (with solutions), as the course is written.
 lab: check-env
-	$(PY) -m jupyter lab notebooks
+	$(LAB_ENV) $(PY) -m jupyter lab $(LAB_FLAGS) notebooks
 
-# Workshop handout: notebooks with exercise solutions emptied, outputs cleared.
+# The students' edition; generated first if student/ has no notebooks yet.
+lab-student: check-env
+	@ls student/[0-9]*.ipynb >/dev/null 2>&1 || $(MAKE) --no-print-directory student
+	$(LAB_ENV) $(PY) -m jupyter lab $(LAB_FLAGS) student
+
+# Workshop handout: solutions replaced by stubs, written answers by prompts, outputs cleared.
+# Never overwrites a notebook a student edited; `make student FORCE=1` does, after a backup.
 student: $(STAMP)
-	$(PY) -m fusionlib.editions notebooks student
+	$(PY) -m fusionlib.editions notebooks student $(if $(FORCE),--force)
 
+# For the facilitator: the full notebooks and facilitator/answers.md (every solution and written answer).
+facilitator: $(STAMP)
+	$(PY) -m fusionlib.editions --edition facilitator notebooks facilitator $(if $(FORCE),--force)
+
+# Keeps student/ (student work) and facilitator/.
 clean:
-	rm -rf $(VENV) runs student .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache artifacts
