@@ -50,6 +50,8 @@ GLOSSARY: tuple[Quantity, ...] = (
     Quantity("mparams", "number of parameters", "10^6 parameters"),
     Quantity("mac_share", "share of a model's MACs in one kind of layer", "fraction in [0, 1]"),
     Quantity("mac_ratio", "ratio of two MAC counts (details say which over which)", "ratio"),
+    Quantity("throughput_ratio", "ratio of two achieved throughputs (e.g. MACs per second of one layer kind "
+             "over another's)", "ratio"),
     Quantity("param_ratio", "ratio of two parameter counts (details say which over which)", "ratio"),
     Quantity("nodes", "number of nodes in a traced torch.fx graph (details: an opcode, then the model)",
              "count"),
