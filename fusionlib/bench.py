@@ -221,7 +221,8 @@ class LatencyTable:
         ax.bar_label(bars, labels=labels, padding=3, fontsize=8)
         ax.set_ylabel("median latency (ms)")
         ax.set_title(f"speed-up vs {self.baseline} (median of paired ratios, interval)", fontsize=9)
-        ax.set_ylim(0, max(medians) * 1.35 if medians and max(medians) > 0 else 1)
+        tops = [m + h for m, h in zip(medians, high)]  # error bars included, so labels sit above them
+        ax.set_ylim(0, max(tops) * 1.35 if tops and max(tops) > 0 else 1)
         return ax
 
 

@@ -60,7 +60,7 @@ def cache_key(params: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-#: Seconds per epoch at 32x32 on one 2-core CPU (scaled by the pixel count for other sizes).
+#: Seconds per epoch at 32x32 on one CPU thread of the course's reference machine (scaled by the pixel count for other sizes).
 SECONDS_PER_EPOCH_32 = {"resnet18": 5.0, "mobilenet_v2": 6.0}
 
 
@@ -143,7 +143,7 @@ def trained_model(
     if progress:
         print(f"Training {name} on the digits ({epochs} epoch(s), {image_size}x{image_size}, seed {seed}): "
               f"not in the cache {cache_dir()} yet. About {training_seconds_estimate(name, epochs, image_size):.0f} s "
-              f"on one 2-core CPU; later calls with these parameters load it in a moment.")
+              f"on one CPU thread; later calls with these parameters load it in a moment.")
 
     train_loader, test_loader = digits_loaders(
         batch_size=batch_size, image_size=image_size, channels=channels, test_fraction=test_fraction, seed=seed
