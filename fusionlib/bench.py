@@ -29,6 +29,10 @@ How :func:`compare_latency` measures, and why:
   noise. It needs at least 6 rounds; with fewer, ``[lo, hi]`` is the full
   range of the ratios and :meth:`Speedup.describe` says the rounds were too
   few. An interval that contains 1.0 reads "no measurable difference".
+  The interval covers the round-to-round noise only, not systematic
+  effects (a variant that warms the caches for the next one, allocator
+  state): timing one callable against an identical copy of itself (an A/A
+  comparison) shows the resolution on your machine, often a few percent.
 * **per-callable times** -- the median and interquartile range (IQR, 75th -
   25th percentile) of each callable's times, in milliseconds. Absolute
   times describe this machine only; compare ratios measured in one process.
