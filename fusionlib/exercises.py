@@ -219,7 +219,8 @@ def expect_equal(actual: Any, expected: Any, *, name: str, hint: str = "") -> No
     if not equal:
         off = ""
         if isinstance(actual, (int, float)) and isinstance(expected, (int, float)) and not isinstance(actual, bool):
-            off = f" ({actual - expected:+g})"
+            diff = actual - expected
+            off = f" ({diff:+d})" if isinstance(diff, int) else f" ({diff:+.6g})"
         fail(f"{name} is {actual!r}{off}, expected {expected!r}." + (f" {hint}" if hint else ""))
 
 
@@ -228,7 +229,7 @@ def expect_type(obj: Any, expected: type | tuple[type, ...], *, name: str) -> No
     _require_attempted(obj, name)
     if not isinstance(obj, expected):
         names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-        fail(f"{name} is a {type(obj).__name__}, expected a {names}.")
+        fail(f"{name} is of type {type(obj).__name__}, expected {names}.")
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -445,7 +446,8 @@ def check(
             cause = exc
         advice = _hint_for(cause if cause is not None else exc, hints)
         if advice:
-            message += f" Hint: {advice}"
+            message = message.rstrip()
+            message += ("" if message.endswith((".", "!", "?")) else ".") + f" Hint: {advice}"
         result = Result(exercise, "not right yet", message)
         if mode() == "warn":
             print(result)

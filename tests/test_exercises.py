@@ -261,7 +261,7 @@ def test_expect_unchanged_catches_an_edited_original():
 
 def test_expect_type_and_equal_messages():
     exercises.expect_type(nn.ReLU(), nn.Module, name="act")
-    with pytest.raises(ExerciseError, match=r"gm is a ReLU, expected a GraphModule or Sequential\."):
+    with pytest.raises(ExerciseError, match=r"gm is of type ReLU, expected GraphModule or Sequential\."):
         exercises.expect_type(nn.ReLU(), (torch.fx.GraphModule, nn.Sequential), name="gm")
     exercises.expect_equal(torch.tensor([1, 2]), [1, 2], name="t")
     with pytest.raises(ExerciseError, match=r"groups is \[\['0', '1'\]\], expected"):
