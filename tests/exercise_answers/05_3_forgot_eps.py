@@ -1,0 +1,29 @@
+# expect: the folded copy of blocks\.0\.conv: weight is off.*bias is off.*eps is 0\.5 here
+def fold_by_duplicating(model):
+    if model.training:
+        raise ValueError("call model.eval() first")
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    modules = dict(gm.named_modules())
+    for bn_node in list(gm.graph.nodes):
+        if bn_node.op != "call_module" or type(modules[bn_node.target]) is not nn.BatchNorm2d:
+            continue
+        conv_node = bn_node.args[0]
+        if not (conv_node.op == "call_module" and type(modules[conv_node.target]) is nn.Conv2d
+                and len(conv_node.users) > 1):
+            continue
+        conv, bn = modules[conv_node.target], modules[bn_node.target]
+        k = bn.weight / torch.sqrt(bn.running_var)          # forgot eps
+        folded = copy.deepcopy(conv)
+        with torch.no_grad():
+            folded.weight.mul_(k[:, None, None, None])
+            folded.bias = nn.Parameter(bn.bias - bn.running_mean * k)
+        new_name = conv_node.target.replace(".", "_") + "_folded"
+        gm.add_submodule(new_name, folded)
+        with gm.graph.inserting_after(conv_node):
+            folded_node = gm.graph.call_module(new_name, conv_node.args, conv_node.kwargs)
+        bn_node.replace_all_uses_with(folded_node)
+        gm.graph.erase_node(bn_node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

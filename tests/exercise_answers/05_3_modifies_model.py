@@ -1,0 +1,27 @@
+# expect: the model given to fold_by_duplicating was modified \(blocks\.0\.conv\.weight.*changed\)\. Work on a copy
+def fold_by_duplicating(model):
+    gm = fx.symbolic_trace(model)               # no copy: gm's modules are model's
+    modules = dict(gm.named_modules())
+    for bn_node in list(gm.graph.nodes):
+        if bn_node.op != "call_module" or type(modules[bn_node.target]) is not nn.BatchNorm2d:
+            continue
+        conv_node = bn_node.args[0]
+        if not (conv_node.op == "call_module" and type(modules[conv_node.target]) is nn.Conv2d
+                and len(conv_node.users) > 1):
+            continue
+        conv, bn = modules[conv_node.target], modules[bn_node.target]
+        k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        folded = conv                           # "the copy": the same module
+        with torch.no_grad():
+            folded.weight.mul_(k[:, None, None, None])
+            folded.bias = nn.Parameter(bn.bias - bn.running_mean * k)
+        new_name = conv_node.target.replace(".", "_") + "_folded"
+        gm.add_submodule(new_name, folded)
+        with gm.graph.inserting_after(conv_node):
+            folded_node = gm.graph.call_module(new_name, conv_node.args, conv_node.kwargs)
+        bn_node.replace_all_uses_with(folded_node)
+        gm.graph.erase_node(bn_node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm

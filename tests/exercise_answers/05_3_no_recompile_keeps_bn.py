@@ -1,0 +1,19 @@
+# expect: forward\(\) is not the code of its graph.*call gm\.recompile\(\)
+def fold_by_duplicating(model):
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    modules = dict(gm.named_modules())
+    for bn_node in list(gm.graph.nodes):
+        if bn_node.op != "call_module" or type(modules[bn_node.target]) is not nn.BatchNorm2d:
+            continue
+        conv_node = bn_node.args[0]
+        if not (conv_node.op == "call_module" and type(modules[conv_node.target]) is nn.Conv2d
+                and len(conv_node.users) > 1):
+            continue
+        new_name = conv_node.target.replace(".", "_") + "_folded"
+        gm.add_submodule(new_name, fusion.fuse_conv_bn_eval(modules[conv_node.target], modules[bn_node.target]))
+        with gm.graph.inserting_after(conv_node):
+            folded_node = gm.graph.call_module(new_name, conv_node.args, conv_node.kwargs)
+        bn_node.replace_all_uses_with(folded_node)
+        gm.graph.erase_node(bn_node)
+    gm.graph.lint()
+    return gm                                   # no recompile: forward() still runs conv -> bn, and gives the same output
