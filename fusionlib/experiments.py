@@ -327,15 +327,16 @@ SUMMARY_WIDTH = 120
 def headline_figures(records: dict[str, Any], count: int = HEADLINE_COUNT) -> list[str]:
     """Up to ``count`` figures as ``"name = value"`` text, for the printed summary.
 
-    The headline figures are the first ``count`` records (in recording order)
-    whose names start with one of ``HEADLINE_PREFIXES`` (speed-ups, errors,
-    accuracies); a run with none shows its first ``count`` records. A speed-up
+    The headline figures are the first ``count`` records whose names start
+    with one of ``HEADLINE_PREFIXES``, taken in that order of prefixes
+    (speed-ups first, then errors, then accuracies) and in recording order
+    within a prefix; a run with none shows its first ``count`` records. A speed-up
     shows its ``_lo`` / ``_hi`` siblings as ``1.44 [1.40-1.49]``. Every record
     is in ``summary.csv`` and ``summary.md``.
     """
     siblings = {n for n in records if n.endswith(("_lo", "_hi")) and n[:-3] in records}
     names = [n for n in records if n not in siblings]
-    chosen = [n for n in names if n.startswith(HEADLINE_PREFIXES)] or names
+    chosen = [n for prefix in HEADLINE_PREFIXES for n in names if n.startswith(prefix)] or names
     lines = []
     for n in chosen[:count]:
         text = f"{n} = {_cell(records[n])}"
