@@ -4,6 +4,13 @@
   models with ``weights=None`` (nothing downloads), optionally adapted to the
   32x32 digits (``small_input=True``). Module names stay torchvision's, so
   fusion groups are the standard ones.
+* :func:`rep_resnet18`, :func:`rep_mobilenet_v2` -- the same models whose 3x3
+  convs (ResNet18's block convs; MobileNetV2's depthwise convs) train as
+  :class:`fusionlib.reparam.RepBlock` (kxk + 1x1 + identity branches, notebook
+  06). The RepBlock sits where the (conv, bn) pair was: the conv's name holds
+  the block, the BatchNorm's name holds ``nn.Identity``. After
+  :func:`fusionlib.reparam.reparameterize_model` each block is one conv, and
+  the model has the plain model's layers and MACs.
 
 The other two jobs around these models live next door and are re-exported
 here, so ``models.fusion_groups(...)`` and ``models.trained_model(...)`` work:
@@ -28,13 +35,18 @@ from typing import Any, Callable
 import torchvision
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
-from torchvision.models.resnet import ResNet
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.ops.misc import Conv2dNormActivation
+
+from fusionlib.reparam import RepBlock
 
 __all__ = [
     "BUILDERS",
     "build",
     "resnet18",
     "mobilenet_v2",
+    "rep_resnet18",
+    "rep_mobilenet_v2",
     # re-exported from fusionlib.recipes
     "fusion_groups",
     "fuse_model",
@@ -76,7 +88,63 @@ def mobilenet_v2(num_classes: int = 10, small_input: bool = True) -> MobileNetV2
     return model
 
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
+def _rep_block_for(conv: nn.Module) -> RepBlock:
+    """A :class:`RepBlock` with the shape of a square, odd, bias-free ``conv`` (padding k//2, dilation 1).
+
+    Initialized like torchvision's models (Kaiming-normal, fan_out, ReLU gain;
+    BatchNorm γ = 1, β = 0).
+    """
+    k = conv.kernel_size[0] if isinstance(conv, nn.Conv2d) else None
+    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (k, k) and conv.stride[0] == conv.stride[1]
+            and conv.padding == (k // 2, k // 2) and conv.dilation == (1, 1) and conv.bias is None):
+        raise RuntimeError(f"expected a square bias-free Conv2d with padding k//2 to turn into a RepBlock, got {conv!r}")
+    block = RepBlock(conv.in_channels, conv.out_channels, k, conv.stride[0], conv.groups)
+    for module in block.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return block.to(conv.weight.device, conv.weight.dtype)
+
+
+def rep_resnet18(num_classes: int = 10, small_input: bool = True) -> ResNet:
+    """:func:`resnet18` whose 3x3 block convs (+ their BatchNorm) train as dense RepBlocks.
+
+    In every BasicBlock, ``convK`` becomes ``RepBlock(in, out, 3, stride)``
+    (an identity branch where in == out and stride == 1) and ``bnK`` becomes
+    ``nn.Identity``. The 7x7 stem and the 1x1 downsample convs stay as they are.
+    """
+    model = resnet18(num_classes=num_classes, small_input=small_input)
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            for k in (1, 2):
+                setattr(block, f"conv{k}", _rep_block_for(getattr(block, f"conv{k}")))
+                setattr(block, f"bn{k}", nn.Identity())
+    return model
+
+
+def rep_mobilenet_v2(num_classes: int = 10, small_input: bool = True) -> MobileNetV2:
+    """:func:`mobilenet_v2` whose depthwise 3x3 convs (+ their BatchNorm) train as depthwise RepBlocks.
+
+    MobileOne-style: in each depthwise ``Conv2dNormActivation`` (conv, bn,
+    ReLU6), ``[0]`` becomes ``RepBlock(C, C, 3, stride, groups=C)`` (an
+    identity branch where the stride is 1) and ``[1]`` becomes ``nn.Identity``.
+    The stem, expansion and projection convs stay as they are.
+    """
+    model = mobilenet_v2(num_classes=num_classes, small_input=small_input)
+    for module in model.modules():
+        if isinstance(module, Conv2dNormActivation) and isinstance(module[0], nn.Conv2d):
+            conv = module[0]
+            if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
+                module[0] = _rep_block_for(conv)
+                module[1] = nn.Identity()
+    return model
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "rep_resnet18": rep_resnet18,
+    "rep_mobilenet_v2": rep_mobilenet_v2,
+}
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:

@@ -36,7 +36,7 @@ CACHE_VERSION = 1
 
 #: Peak learning rates of the one-cycle schedule, per model: chosen so that
 #: the default 3 epochs train each model well on the digits.
-DEFAULT_LR = {"resnet18": 0.03, "mobilenet_v2": 0.05}
+DEFAULT_LR = {"resnet18": 0.03, "mobilenet_v2": 0.05, "rep_resnet18": 0.03, "rep_mobilenet_v2": 0.05}
 
 
 def cache_dir() -> Path:
@@ -61,7 +61,7 @@ def cache_key(params: dict[str, Any]) -> str:
 
 
 #: Seconds per epoch at 32x32 on one CPU thread of the course's reference machine (scaled by the pixel count for other sizes).
-SECONDS_PER_EPOCH_32 = {"resnet18": 5.0, "mobilenet_v2": 6.0}
+SECONDS_PER_EPOCH_32 = {"resnet18": 5.0, "mobilenet_v2": 6.0, "rep_resnet18": 6.0, "rep_mobilenet_v2": 8.0}
 
 
 def training_seconds_estimate(name: str, epochs: int, image_size: int) -> float:

@@ -314,3 +314,76 @@ def test_set_input_channels_replaces_the_first_conv_under_its_own_name():
         assert (new.kernel_size, new.stride, new.padding) == (old.kernel_size, old.stride, old.padding)
         with torch.no_grad():
             assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+
+
+# ----------------------------------------------------------------------------- re-parameterizable models
+REP_NAMES = {"rep_resnet18": "resnet18", "rep_mobilenet_v2": "mobilenet_v2"}
+
+
+def test_rep_builders_are_registered_with_training_defaults():
+    from fusionlib import zoo
+
+    for rep, plain in REP_NAMES.items():
+        assert models.BUILDERS[rep] is getattr(models, rep)
+        assert models.DEFAULT_LR[rep] > 0 and zoo.SECONDS_PER_EPOCH_32[rep] >= zoo.SECONDS_PER_EPOCH_32[plain]
+
+
+@pytest.mark.parametrize("rep", list(REP_NAMES))
+def test_rep_models_keep_torchvision_names_with_a_repblock_where_the_pair_was(rep):
+    from fusionlib.reparam import RepBlock
+
+    model, plain = models.build(rep), models.build(REP_NAMES[rep])
+    rep_modules, plain_modules = dict(model.named_modules()), dict(plain.named_modules())
+    assert set(plain_modules) <= set(rep_modules)  # every torchvision name is still there
+    replaced = {name for name, m in model.named_modules() if isinstance(m, RepBlock)}
+    for name in replaced:
+        # the BatchNorm after it: layerX.Y.convK -> layerX.Y.bnK; features.i.conv.j.0 -> features.i.conv.j.1
+        bn_name = name.replace(".conv", ".bn") if rep == "rep_resnet18" else name.removesuffix(".0") + ".1"
+        conv, block = plain_modules[name], rep_modules[name]
+        assert isinstance(rep_modules[bn_name], nn.Identity) and isinstance(plain_modules[bn_name], nn.BatchNorm2d)
+        assert (block.in_channels, block.out_channels, block.kernel_size, (block.stride,) * 2, block.groups) == (
+            conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride, conv.groups)
+        assert block.conv_kxk[0].weight.shape == conv.weight.shape
+    if rep == "rep_resnet18":
+        assert replaced == {f"layer{i}.{j}.conv{k}" for i in (1, 2, 3, 4) for j in (0, 1) for k in (1, 2)}
+        assert isinstance(model.conv1, nn.Conv2d) and isinstance(model.bn1, nn.BatchNorm2d)  # the 7x7 stem stays
+    else:
+        assert len(replaced) == 17 and all(rep_modules[n].groups == rep_modules[n].in_channels for n in replaced)
+        assert model.features[7].conv[1][0].stride == 1  # small_input carries over
+        assert models.rep_mobilenet_v2(small_input=False).features[7].conv[1][0].stride == 2
+    # every parameter outside the RepBlocks has the plain model's name and shape
+    rep_state = {k: v.shape for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in replaced)}
+    plain_state = {k: v.shape for k, v in plain.state_dict().items()
+                   if not any(k.startswith(n + ".") for n in replaced) and k.rsplit(".", 1)[0] in rep_modules
+                   and isinstance(rep_modules[k.rsplit(".", 1)[0]], (nn.Conv2d, nn.BatchNorm2d, nn.Linear))}
+    assert rep_state == plain_state
+
+
+@pytest.mark.parametrize("rep, groups", [("rep_resnet18", 4), ("rep_mobilenet_v2", 52 - 17)])
+def test_fusion_groups_and_fuse_model_on_deployed_rep_models(rep, groups, digits_batch):
+    from fusionlib.reparam import reparameterize_model
+
+    model = _randomize_batchnorm(models.build(rep)).eval()
+    deployed = reparameterize_model(model)
+    assert len(models.fusion_groups(deployed)) == groups  # only the convs that were never RepBlocks
+    fused = models.fuse_model(deployed)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.inference_mode():
+        result = compare_outputs(model(digits_batch), fused(digits_batch), rtol=1e-5, name=rep)
+    assert result.passed, str(result)
+
+
+def test_trained_model_trains_and_caches_a_rep_model(monkeypatch, tmp_path):
+    from fusionlib.reparam import count_rep_blocks, reparameterize_model
+
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
+    kwargs = dict(epochs=1, image_size=8, batch_size=256, channels=1, progress=False)
+    model, metrics = models.trained_model("rep_mobilenet_v2", **kwargs)
+    assert not metrics["cached"] and metrics["params"]["lr"] == models.DEFAULT_LR["rep_mobilenet_v2"]
+    assert count_rep_blocks(model) == 17 and model.features[0][0].in_channels == 1
+    again, metrics_again = models.trained_model("rep_mobilenet_v2", **kwargs)
+    assert metrics_again["cached"] and count_rep_blocks(again) == 17
+    x = torch.randn(2, 1, 8, 8)
+    with torch.inference_mode():
+        result = compare_outputs(again(x), reparameterize_model(again)(x), rtol=1e-5, name="trained rep_mobilenet_v2")
+    assert result.passed, str(result)
