@@ -22,6 +22,7 @@ from torch import nn
 import fusionlib.fx as ffx
 from fusionlib.fx import FxTraceError, fuse_conv_bn, global_wrap, max_relative_error
 from fusionlib.fx.layout import MkldnnConv2d
+from batchnorm_stats import randomize_batchnorm
 
 matplotlib.use("Agg")
 RTOL = 1e-4
@@ -29,19 +30,6 @@ RTOL = 1e-4
 
 
 # --------------------------------------------------------------------------- helpers
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Running mean ~ N(0, 0.1), var ~ U(0.5, 2), gamma ~ U(0.5, 1.5), beta ~ N(0, 0.1)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
-            if m.affine:
-                m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
-
 
 def outputs_close(reference: nn.Module, candidate: nn.Module, *inputs: torch.Tensor) -> float:
     with torch.no_grad():

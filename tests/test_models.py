@@ -11,20 +11,7 @@ from torch import nn
 
 from fusionlib import data, models
 from fusionlib.verify import compare_outputs
-
-
-def _randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics and affine parameters (fresh ones are mean 0, var 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
-    return model
+from batchnorm_stats import randomize_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +108,8 @@ def test_groups_are_found_by_walking_any_width_or_depth():
 def test_fuse_model_on_bare_blocks():
     """BasicBlock, ConvBNReLU (Conv2dNormActivation) and InvertedResidual fuse on their own."""
     torch.manual_seed(0)
-    resnet = _randomize_batchnorm(models.resnet18()).eval()
-    mobilenet = _randomize_batchnorm(models.mobilenet_v2()).eval()
+    resnet = randomize_batchnorm(models.resnet18()).eval()
+    mobilenet = randomize_batchnorm(models.mobilenet_v2()).eval()
     cases = [  # block, expected groups (names relative to the block), input
         (resnet.layer2[0], [["conv1", "bn1"], ["conv2", "bn2"], ["downsample.0", "downsample.1"]], (2, 64, 8, 8)),
         (mobilenet.features[0], [["0", "1"]], (2, 3, 16, 16)),
@@ -153,7 +140,7 @@ def test_unknown_architecture_is_a_type_error_naming_it():
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
 def model_and_fused(request):
     torch.manual_seed(0)
-    model = _randomize_batchnorm(models.build(request.param)).eval()
+    model = randomize_batchnorm(models.build(request.param)).eval()
     before = copy.deepcopy(model.state_dict())
     fused = models.fuse_model(model)
     return request.param, model, fused, before
@@ -363,7 +350,7 @@ def test_rep_models_keep_torchvision_names_with_a_repblock_where_the_pair_was(re
 def test_fusion_groups_and_fuse_model_on_deployed_rep_models(rep, groups, digits_batch):
     from fusionlib.reparam import reparameterize_model
 
-    model = _randomize_batchnorm(models.build(rep)).eval()
+    model = randomize_batchnorm(models.build(rep)).eval()
     deployed = reparameterize_model(model)
     assert len(models.fusion_groups(deployed)) == groups  # only the convs that were never RepBlocks
     fused = models.fuse_model(deployed)

@@ -21,23 +21,9 @@ from fusionlib.reparam import (
     reparameterize_model,
 )
 from fusionlib.verify import compare_outputs
+from batchnorm_stats import randomize_batchnorm
 
 RTOL = 1e-5  # deployed vs multi-branch (eval), fp32, relative to the largest output
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running_mean / running_var, weight, bias and eps for every BatchNorm (fresh ones are 0 / 1 / 1 / 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
-                module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
-                module.eps = float(10 ** (-5 + 4 * torch.rand(1, generator=generator)))  # 1e-5 .. 1e-1
-    return model
 
 
 def fingerprint(model: nn.Module) -> dict:
@@ -125,7 +111,7 @@ def test_identity_kernel_rejects_bad_arguments(args, pattern):
 def test_fold_bn_is_bn_of_conv_in_float64(with_bias):
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=with_bias)
-    bn = randomize_batchnorm(nn.BatchNorm2d(6), seed=1).eval()
+    bn = randomize_batchnorm(nn.BatchNorm2d(6), seed=1, random_eps=True).eval()
     weight, bias = fold_bn(conv.weight, conv.bias, bn)
     assert weight.dtype == bias.dtype == torch.float64 and not isinstance(weight, nn.Parameter)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
@@ -258,7 +244,7 @@ def make_block(case: str, seed: int = 0) -> RepBlock:
     in_channels, out_channels, stride, groups, kwargs = BLOCK_CONFIGS[case]
     torch.manual_seed(seed)
     block = RepBlock(in_channels, out_channels, stride=stride, groups=groups, **kwargs)
-    return randomize_batchnorm(block, seed).eval()
+    return randomize_batchnorm(block, seed, random_eps=True).eval()
 
 
 @pytest.mark.parametrize("case", list(BLOCK_CONFIGS))
@@ -369,7 +355,7 @@ def toy_model() -> nn.Sequential:
         nn.Sequential(RepBlock(8, 8, groups=2), nn.ReLU()),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
     )
-    return randomize_batchnorm(model, seed=5).eval()
+    return randomize_batchnorm(model, seed=5, random_eps=True).eval()
 
 
 def test_reparameterize_model_inplace_false_never_touches_the_callers_model():
