@@ -134,3 +134,52 @@ def fit(
             epoch_bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
     model.train()
     return history
+
+
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int | None = None) -> nn.Module:
+    """Recompute every BatchNorm's running statistics from ``loader`` ("precise BN"), in place.
+
+    During training, ``running_mean`` / ``running_var`` are exponential moving
+    averages (``r <- (1 - momentum) * r + momentum * batch_stat``) of
+    statistics taken while the weights were still changing, so they can lag
+    the final network; eval mode then normalizes with the wrong numbers. This
+    resets them and, with ``momentum=None`` (torch's cumulative average),
+    sets each to the plain average over the first ``num_batches`` batches
+    (all when ``None``) of the *final* weights' batch statistics:
+
+        running_mean = (1/B) * sum_b mean_b,   running_var = (1/B) * sum_b var_b (unbiased)
+
+    Only BatchNorm layers run in training mode (dropout and the rest stay in
+    eval); no gradients; every module's training flag and momentum are
+    restored. Returns ``model``. Batches are ``(x, y)`` pairs or plain inputs.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f"recalibrate_batchnorm: {type(model).__name__} has no BatchNorm layer")
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    untracked = [m for m in norms if not m.track_running_stats]
+    if untracked:
+        raise ValueError(f"recalibrate_batchnorm: {len(untracked)} BatchNorm layer(s) do not track running "
+                         f"statistics (track_running_stats=False); there is nothing to recalibrate")
+    momenta = [m.momentum for m in norms]
+    device = _model_device(model)
+    seen = 0
+    with eval_mode(model), torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.training = True
+        try:
+            for batch in loader:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(device))
+                seen += 1
+                if num_batches is not None and seen >= num_batches:
+                    break
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+    if seen == 0:
+        raise ValueError("recalibrate_batchnorm: the loader yielded no batch")
+    return model

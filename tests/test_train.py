@@ -119,3 +119,59 @@ def test_eval_mode_is_the_shared_helper_and_still_importable_from_train():
     with train.eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert all(m.training for m in model.modules())
+
+
+def test_recalibrate_batchnorm_sets_running_stats_to_the_average_of_batch_stats():
+    """running_mean = mean of per-batch means, running_var = mean of per-batch unbiased variances."""
+    from fusionlib.train import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.1), nn.Dropout(0.5), nn.ReLU()).eval()
+    model[1].running_mean.fill_(5.0)  # stale statistics
+    batches = [torch.randn(8, 3, 6, 6) * (i + 1) for i in range(3)]
+    with torch.no_grad():
+        feats = [model[0](x) for x in batches]
+    expected_mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    expected_var = torch.stack([f.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True) for f in feats]).mean(0)
+    returned = recalibrate_batchnorm(model, [(x, 0) for x in batches])
+    assert returned is model
+    torch.testing.assert_close(model[1].running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, expected_var, rtol=1e-5, atol=1e-6)
+    assert model[1].momentum == 0.1 and not any(m.training for m in model.modules()), "flags and momentum restored"
+    assert model[1].num_batches_tracked.item() == 3
+    recalibrate_batchnorm(model, batches, num_batches=1)  # plain tensors, first batch only
+    torch.testing.assert_close(model[1].running_mean, feats[0].mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_batchnorm_recovers_accuracy_lost_to_stale_statistics():
+    """Stale running statistics wreck eval accuracy; recalibration on the training data gives it back."""
+    from fusionlib.data import digits_loaders
+    from fusionlib.train import evaluate, fit, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    train, test = digits_loaders(batch_size=64, image_size=8, channels=1, seed=0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    fit(model, train, epochs=3, lr=0.05, progress=False)
+    good = evaluate(model, test)
+    with torch.no_grad():
+        model[1].running_mean.add_(3.0)
+        model[1].running_var.mul_(20.0)
+    stale = evaluate(model, test)
+    recalibrate_batchnorm(model, train)
+    assert good > 0.9 and stale < good - 0.5, f"the corruption should hurt: {good:.3f} -> {stale:.3f}"
+    assert evaluate(model, test) >= good - 0.02
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(model=nn.Linear(2, 2)), "has no BatchNorm"),
+    (dict(num_batches=0), "num_batches must be a positive integer"),
+    (dict(loader=[]), "yielded no batch"),
+])
+def test_recalibrate_batchnorm_bad_input(bad, match):
+    from fusionlib.train import recalibrate_batchnorm
+
+    args = dict(model=nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)), loader=[torch.randn(2, 1, 3, 3)])
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        recalibrate_batchnorm(args["model"], args["loader"], num_batches=args.get("num_batches"))
