@@ -42,6 +42,8 @@ from fusionlib.reparam import RepBlock
 
 __all__ = [
     "BUILDERS",
+    "REP_BUILDERS",
+    "ALL_BUILDERS",
     "build",
     "resnet18",
     "mobilenet_v2",
@@ -139,19 +141,27 @@ def rep_mobilenet_v2(num_classes: int = 10, small_input: bool = True) -> MobileN
     return model
 
 
+#: The course's two architectures, as torchvision builds them (notebooks loop over these).
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "mobilenet_v2": mobilenet_v2,
+}
+
+#: Their re-parameterizable versions (notebook 06): ``rep_<name>`` for every name in ``BUILDERS``.
+REP_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "rep_resnet18": rep_resnet18,
     "rep_mobilenet_v2": rep_mobilenet_v2,
 }
 
+#: Every name :func:`build` and :func:`fusionlib.zoo.trained_model` accept.
+ALL_BUILDERS: dict[str, Callable[..., nn.Module]] = {**BUILDERS, **REP_BUILDERS}
+
 
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """``build("resnet18", num_classes=10)`` -> a fresh model; names: ``BUILDERS``."""
-    if name not in BUILDERS:
-        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(BUILDERS)}.")
-    return BUILDERS[name](**kwargs)
+    """``build("resnet18", num_classes=10)`` -> a fresh model; names: ``ALL_BUILDERS``."""
+    if name not in ALL_BUILDERS:
+        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(ALL_BUILDERS)}.")
+    return ALL_BUILDERS[name](**kwargs)
 
 
 # Re-exports (after the builders: fusionlib.zoo imports them from here when it trains).

@@ -101,11 +101,11 @@ def trained_model(
     ``path`` and ``cached`` (True when loaded from disk).
     """
     from fusionlib.data import digits_loaders
-    from fusionlib.models import BUILDERS, build  # here, not at the top: fusionlib.models re-exports this module
+    from fusionlib.models import ALL_BUILDERS, build  # here, not at the top: fusionlib.models re-exports this module
     from fusionlib.train import fit, seed_everything
 
-    if name not in BUILDERS:
-        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(BUILDERS)}.")
+    if name not in ALL_BUILDERS:
+        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(ALL_BUILDERS)}.")
     params = {
         "name": name,
         "epochs": epochs,

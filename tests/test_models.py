@@ -311,7 +311,8 @@ def test_rep_builders_are_registered_with_training_defaults():
     from fusionlib import zoo
 
     for rep, plain in REP_NAMES.items():
-        assert models.BUILDERS[rep] is getattr(models, rep)
+        assert models.REP_BUILDERS[rep] is getattr(models, rep) is models.ALL_BUILDERS[rep]
+        assert rep not in models.BUILDERS, "BUILDERS lists the course's two architectures only"
         assert models.DEFAULT_LR[rep] > 0 and zoo.SECONDS_PER_EPOCH_32[rep] >= zoo.SECONDS_PER_EPOCH_32[plain]
 
 
