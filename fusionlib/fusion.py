@@ -88,6 +88,7 @@ from fusionlib.fused_modules import (
     LinearBn1d,
     LinearReLU,
 )
+from fusionlib import fused_modules
 from fusionlib.modules import set_submodule
 
 __all__ = [
@@ -106,21 +107,7 @@ __all__ = [
     "fuse_known_modules",
     "fuse_modules",
     "fuse_modules_qat",
-    "FusedSequential",
-    "ConvReLU1d",
-    "ConvReLU2d",
-    "ConvReLU3d",
-    "LinearReLU",
-    "BNReLU1d",
-    "BNReLU2d",
-    "BNReLU3d",
-    "ConvBn1d",
-    "ConvBn2d",
-    "ConvBn3d",
-    "ConvBnReLU1d",
-    "ConvBnReLU2d",
-    "ConvBnReLU3d",
-    "LinearBn1d",
+    *fused_modules.__all__,  # the containers, re-exported
 ]
 
 FuserMethod = Callable[..., nn.Module]

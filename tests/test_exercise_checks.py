@@ -14,6 +14,7 @@ import nbformat
 import pytest
 
 from fusionlib import exercises
+from fusionlib.editions import exercise_of, stub_of
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
@@ -24,10 +25,6 @@ def _tags(cell) -> list[str]:
     return cell.get("metadata", {}).get("tags", [])
 
 
-def _exercise_id(cell) -> str | None:
-    return cell.get("metadata", {}).get("fusionlib", {}).get("exercise")
-
-
 def _exercises(path: Path) -> list[dict]:
     """One dict per exercise with a solution cell: its id, solution, stub and check sources."""
     nb = nbformat.read(path, as_version=4)
@@ -35,10 +32,10 @@ def _exercises(path: Path) -> list[dict]:
     found = []
     for cell in nb.cells:
         if cell.cell_type == "code" and "solution" in _tags(cell):
-            ex = _exercise_id(cell)
-            checks = [c for c in nb.cells if "check" in _tags(c) and _exercise_id(c) == ex]
+            ex = exercise_of(cell)
+            checks = [c for c in nb.cells if "check" in _tags(c) and exercise_of(c) == ex]
             found.append({"notebook": path.stem, "id": ex, "solution": cell.source, "checks": checks,
-                          "stub": cell.metadata.get("fusionlib", {}).get("stub"), "context": context})
+                          "stub": stub_of(cell), "context": context})
     return found
 
 
@@ -55,7 +52,6 @@ def _run(ex: dict, answer: str) -> exercises.Result:
     for source in ex["context"]:
         exec(compile(source, f"<{ex['notebook']} setup>", "exec"), namespace)
     exec(compile(answer, f"<answer {ex['id']}>", "exec"), namespace)
-    result = None
     for check in ex["checks"]:
         exec(compile(check.source, f"<check {ex['id']}>", "exec"), namespace)
     results = [v for v in namespace.values() if isinstance(v, exercises.Result) and v.exercise == ex["id"]]

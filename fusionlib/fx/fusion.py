@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch import nn
 
 from fusionlib.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-from fusionlib.fx.tracing import modules_by_name, symbolic_trace
+from fusionlib.fx.tracing import modules_by_name, propagate_shapes, symbolic_trace
 from fusionlib.modules import require_eval_mode, set_submodule
 
 __all__ = ["FusedPair", "SkippedBatchNorm", "FusionReport", "fuse_conv_bn", "BATCHNORM_TYPES",
@@ -368,11 +368,7 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, *,
         model = copy.deepcopy(model)
     gm = model if isinstance(model, fx.GraphModule) else symbolic_trace(model, **trace_kwargs)
     if example_inputs is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+        propagate_shapes(gm, example_inputs)
     modules = modules_by_name(gm)  # every name, aliases included
     report = FusionReport(name)
     sites = _call_sites(gm.graph, modules)

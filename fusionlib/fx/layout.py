@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionlib.bench import compare_latency
-from fusionlib.fx.tracing import modules_by_name
+from fusionlib.fx.tracing import modules_by_name, propagate_shapes  # propagate_shapes re-exported
 from fusionlib.modules import set_submodule
 
 __all__ = [
@@ -260,15 +260,6 @@ def _convert_region(gm: fx.GraphModule, region: MkldnnRegion, modules: dict[str,
         if n.op == "call_module" and type(modules[n.target]) is nn.Conv2d:
             set_submodule(gm, n.target, MkldnnConv2d(modules[n.target]))
     return len(inputs) + len(outputs)
-
-
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any] | torch.Tensor) -> None:
-    """Record every node's output shape in ``node.meta["tensor_meta"]`` (``ShapeProp``, no autograd)."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
 
 
 def to_mkldnn(gm: fx.GraphModule, region_pays: Callable[[MkldnnRegion], bool] = MkldnnRegion.pays,

@@ -49,6 +49,7 @@ __all__ = [
     "callable_name",
     "node_op_type",
     "modules_by_name",
+    "propagate_shapes",
     "set_submodule",
     "require_eval_mode",
 ]
@@ -367,3 +368,12 @@ def format_tabular(gm: fx.GraphModule | fx.Graph, max_width: int = 48) -> str:
 def print_tabular(gm: fx.GraphModule | fx.Graph, max_width: int = 48) -> None:
     """Print :func:`format_tabular`."""
     print(format_tabular(gm, max_width))
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any] | torch.Tensor) -> None:
+    """Record every node's output shape in ``node.meta["tensor_meta"]`` (``ShapeProp``, no autograd)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
