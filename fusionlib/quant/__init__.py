@@ -1,0 +1,138 @@
+r"""fusionlib.quant: a quantization toolkit rebuilt from NVIDIA's pytorch-quantization (notebooks 07-09).
+
+* :mod:`~fusionlib.quant.functional` — the integer grid, ``quant_scale`` (qmax/amax)
+  versus ``step_size`` (amax/qmax), ``quantize`` / ``dequantize`` / ``fake_quantize``
+  with the straight-through and LSQ gradients.
+* :mod:`~fusionlib.quant.descriptor` — ``QuantDescriptor`` and ready-made descriptors.
+* :mod:`~fusionlib.quant.calibrators` — ``MaxCalibrator``, ``HistogramCalibrator``.
+* :mod:`~fusionlib.quant.tensor_quantizer` — ``TensorQuantizer`` (with torch's kernels in export mode).
+* :mod:`~fusionlib.quant.modules` — ``QuantConv2d``, ``QuantLinear``, ... (float subclasses with input / weight quantizers).
+* :mod:`~fusionlib.quant.patching` — ``initialize`` / ``deactivate`` / ``enable_quantization`` (monkey patching torch.nn).
+* :mod:`~fusionlib.quant.ptq` — ``calibrate``, ``layer_sensitivity``, ``quantize_model`` (post-training quantization).
+"""
+from fusionlib.quant.calibrators import HISTOGRAM_METHODS, HistogramCalibrator, MaxCalibrator
+from fusionlib.quant.descriptor import (
+    CALIB_METHODS,
+    QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW,
+    QUANT_DESC_8BIT_PER_TENSOR,
+    QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR,
+    QuantDescriptor,
+)
+from fusionlib.quant.functional import (
+    FakeQuantizeFunction,
+    amax_shape_for,
+    check_amax,
+    check_axis,
+    check_num_bits,
+    dequantize,
+    fake_quantize,
+    quant_max,
+    quant_min,
+    quant_scale,
+    quantize,
+    step_size,
+)
+from fusionlib.quant.tensor_quantizer import TensorQuantizer
+from fusionlib.quant.modules import (
+    QUANT_MODULES,
+    QuantAdaptiveAvgPool2d,
+    QuantAvgPool2d,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose2d,
+    QuantLinear,
+    QuantMixin,
+    is_quant_module,
+)
+from fusionlib.quant.patching import (
+    QUANT_MODULE_MAPPING,
+    QUANT_MODULE_NAMES,
+    QuantModuleEntry,
+    deactivate,
+    enable_quantization,
+    initialize,
+    is_active,
+    saved_originals,
+)
+from fusionlib.quant.ptq import (
+    CALIBRATE_METHODS,
+    LayerSensitivity,
+    SensitivityReport,
+    calibrate,
+    disabled_quantizers,
+    keep_float,
+    layer_sensitivity,
+    load_calib_amax,
+    quant_layers,
+    quantize_model,
+    quantizers,
+)
+
+__all__ = [
+    # functional
+    "quant_max",
+    "quant_min",
+    "quant_scale",
+    "step_size",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "FakeQuantizeFunction",
+    "amax_shape_for",
+    "check_num_bits",
+    "check_amax",
+    "check_axis",
+    # descriptor
+    "QuantDescriptor",
+    "CALIB_METHODS",
+    "QUANT_DESC_8BIT_PER_TENSOR",
+    "QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR",
+    "QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW",
+    "QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL",
+    # calibrators
+    "MaxCalibrator",
+    "HistogramCalibrator",
+    "HISTOGRAM_METHODS",
+    # tensor quantizer
+    "TensorQuantizer",
+    # quant modules
+    "QuantMixin",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvTranspose2d",
+    "QuantLinear",
+    "QuantAvgPool2d",
+    "QuantAdaptiveAvgPool2d",
+    "QUANT_MODULES",
+    "is_quant_module",
+    # monkey patching
+    "QuantModuleEntry",
+    "QUANT_MODULE_MAPPING",
+    "QUANT_MODULE_NAMES",
+    "initialize",
+    "deactivate",
+    "enable_quantization",
+    "is_active",
+    "saved_originals",
+    # post-training quantization
+    "CALIBRATE_METHODS",
+    "quantizers",
+    "quant_layers",
+    "disabled_quantizers",
+    "keep_float",
+    "calibrate",
+    "load_calib_amax",
+    "LayerSensitivity",
+    "SensitivityReport",
+    "layer_sensitivity",
+    "quantize_model",
+]

@@ -1,0 +1,144 @@
+r"""QuantDescriptor: how one tensor is quantized (bits, axis, sign, range, amax, calibration).
+
+A descriptor is an immutable record that a :class:`~fusionlib.quant.TensorQuantizer`
+is built from, as in pytorch-quantization::
+
+    QuantDescriptor(num_bits=8, axis=None, unsigned=False, narrow_range=False, amax=None,
+                    learn_amax=False, calib_method="max", fake_quant=True, name=None)
+
+* ``axis`` — None (one amax for the tensor) or the axis / axes kept by a
+  per-channel amax (0 for the output channels of a conv or linear weight,
+  1 for a ConvTranspose weight ``[C_in, C_out/groups, k, k]``). Stored as a tuple.
+* ``unsigned`` — the grid ``[0, qmax]`` with ``qmax = 2^num_bits − 1``
+  (activations after a ReLU).
+* ``narrow_range`` — ``[−qmax, qmax]`` (symmetric) instead of
+  ``[−qmax − 1, qmax]``. Defaults to False here, as pytorch-quantization's
+  descriptor, while :func:`~fusionlib.quant.fake_quantize` defaults to True.
+* ``amax`` — an initial amax (number or list), else calibrate.
+* ``calib_method`` — ``"max"`` (:class:`~fusionlib.quant.MaxCalibrator`) or
+  ``"histogram"`` (:class:`~fusionlib.quant.HistogramCalibrator`, per tensor only).
+* ``fake_quant`` — True: output dequantized floats; False: output the integers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fusionlib.quant.functional import check_num_bits
+
+__all__ = [
+    "QuantDescriptor",
+    "CALIB_METHODS",
+    "QUANT_DESC_8BIT_PER_TENSOR",
+    "QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR",
+    "QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW",
+    "QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL",
+]
+
+CALIB_METHODS = ("max", "histogram")
+
+
+def _normalize_axis(axis: Any) -> tuple[int, ...] | None:
+    if axis is None:
+        return None
+    if isinstance(axis, int) and not isinstance(axis, bool):
+        return (axis,)
+    if isinstance(axis, (tuple, list)) and axis and all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+        if len(set(axis)) != len(axis):
+            raise ValueError(f"axis {axis!r} repeats a dimension")
+        return tuple(axis)
+    raise ValueError(f"axis must be None, an int or a non-empty tuple of ints, got {axis!r}")
+
+
+def _normalize_amax(amax: Any) -> float | tuple[float, ...] | None:
+    if amax is None:
+        return None
+    try:
+        import torch
+
+        if isinstance(amax, torch.Tensor):
+            amax = amax.detach().cpu().tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(amax, (int, float)) and not isinstance(amax, bool):
+        values = (float(amax),)
+        out: float | tuple[float, ...] = float(amax)
+    elif isinstance(amax, (list, tuple)) and amax and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in amax):
+        values = tuple(float(v) for v in amax)
+        out = values
+    else:
+        raise ValueError(f"amax must be None, a positive number or a list of them, got {amax!r}")
+    bad = [v for v in values if not v > 0 or v == float("inf")]
+    if bad:
+        raise ValueError(f"amax must be positive and finite, got {bad[:4]}")
+    return out
+
+
+@dataclass(frozen=True)
+class QuantDescriptor:
+    """How to quantize one tensor; validated and immutable (see the module docstring)."""
+
+    num_bits: int = 8
+    axis: Any = None
+    unsigned: bool = False
+    narrow_range: bool = False
+    amax: Any = None
+    learn_amax: bool = False
+    calib_method: str = "max"
+    fake_quant: bool = True
+    name: str | None = field(default=None, compare=True)
+
+    def __post_init__(self):
+        check_num_bits(self.num_bits)
+        object.__setattr__(self, "axis", _normalize_axis(self.axis))
+        object.__setattr__(self, "amax", _normalize_amax(self.amax))
+        if self.calib_method not in CALIB_METHODS:
+            raise ValueError(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
+        if self.calib_method == "histogram" and self.axis is not None:
+            raise ValueError(
+                f"calib_method='histogram' calibrates one amax per tensor, but axis={self.axis}; use "
+                "calib_method='max' for per-channel amax"
+            )
+        for flag in ("unsigned", "narrow_range", "learn_amax", "fake_quant"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError(f"name must be None or a str, got {self.name!r}")
+
+    def dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (``QuantDescriptor(**d.dict()) == d``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "QuantDescriptor":
+        """A copy with some fields changed (validated again)."""
+        return QuantDescriptor(**{**self.dict(), **changes})
+
+    def __repr__(self) -> str:
+        parts = [f"{self.num_bits}bit"]
+        parts.append("per-tensor" if self.axis is None else f"axis={self.axis}")
+        if self.unsigned:
+            parts.append("unsigned")
+        if self.narrow_range:
+            parts.append("narrow")
+        if self.amax is not None:
+            parts.append(f"amax={self.amax}")
+        if self.learn_amax:
+            parts.append("learn_amax")
+        parts.append(f"calib={self.calib_method}")
+        if not self.fake_quant:
+            parts.append("real-quant")
+        if self.name:
+            parts.append(f"name={self.name!r}")
+        return f"QuantDescriptor({' '.join(parts)})"
+
+
+QUANT_DESC_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8)
+QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR = QuantDescriptor(num_bits=8, unsigned=True)
+QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW = QuantDescriptor(num_bits=8, axis=0)
+QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL = QuantDescriptor(num_bits=8, axis=1)

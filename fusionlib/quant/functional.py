@@ -1,0 +1,308 @@
+r"""Fake quantization: the integer grid, the two "scales", and the straight-through gradient (notebook 07).
+
+Symmetric linear quantization with ``num_bits`` bits maps a float ``x`` to an
+integer ``q`` on a grid that is symmetric around zero (zero point 0)::
+
+    qmax = 2^(num_bits − 1 + unsigned) − 1                       (127 for signed 8 bit, 255 unsigned)
+    qmin = 0 (unsigned);   −qmax (narrow_range);   −qmax − 1 (full range)
+
+    q = clamp(round(x · qmax / amax), qmin, qmax)               (:func:`quantize`)
+    x̂ = q / quant_scale = q · step_size                          (:func:`dequantize`)
+    fake_quantize(x) = x̂                                         (:func:`fake_quantize`)
+
+``amax`` is the largest magnitude kept: values beyond it are clipped. It is a
+scalar (per tensor) or a tensor that broadcasts against ``x`` with 1s
+everywhere except along the channel axis (per channel, e.g. ``[C, 1, 1, 1]``
+for a conv weight; :func:`amax_shape_for`).
+
+**Two names, never "scale" alone.** The literature uses "scale" for two
+reciprocal numbers; this module names them apart:
+
+* :func:`quant_scale` ``= qmax / amax`` — pytorch-quantization's ``scale``:
+  *multiply* ``x`` by it to get (unrounded) integers.
+* :func:`step_size` ``= amax / qmax`` — torch's and ONNX's ``scale``
+  (``torch.fake_quantize_per_tensor_affine(x, scale, zero_point, ...)``,
+  ``QuantizeLinear``): one integer step in ``x``'s units, so
+  ``x̂ = q · step_size``. Inside the range the rounding error is at most
+  half a step: ``|x − x̂| <= step_size / 2``.
+
+torch computes ``round(x · (1 / step_size))`` where we compute
+``round(x · quant_scale)``; the two products can differ in the last bit, so
+a value within an ulp of a rounding tie (``k + ½`` steps) may land on the
+neighbouring integer. :func:`dequantize` multiplies by ``step_size`` as torch
+does (rather than dividing by ``quant_scale``, equal in exact arithmetic), so
+results agree with torch's kernels within one step everywhere and are
+bit-identical almost everywhere (the tests demand >= 99.9 %).
+
+**Gradients** (:class:`FakeQuantizeFunction`). ``round`` has zero derivative
+almost everywhere, so training through it uses the straight-through
+estimator (STE): treat ``round(u)`` as ``u`` in the backward pass. For ``x``::
+
+    ∂x̂/∂x = 1   if −amax <= x <= amax      (0 <= x <= amax when unsigned)
+            0   otherwise (clipped)
+
+as pytorch-quantization (with full range, the sliver below −amax that still
+rounds to −qmax − 1 gets 0 too; torch's kernels pass the gradient wherever the
+rounded integer is in range).
+
+For a learnable ``amax`` (LSQ, Esser et al. 2020, with ``u = x · qmax/amax``
+and the STE on ``round``)::
+
+    ∂x̂/∂amax = ∂/∂amax [round(u) · amax/qmax] = round(u)/qmax + (amax/qmax) · (−x·qmax/amax²)
+             = (q − x · quant_scale) / qmax     if qmin <= u <= qmax   (the rounding residual, in steps / qmax)
+             = q / qmax                           if u is clipped          (±1, or −(qmax+1)/qmax, or 0)
+
+summed over the elements that share one ``amax`` entry. The clipped case is
+the true derivative (``q`` is constant there); the inside case is the STE's.
+LSQ also scales this gradient by ``1/√(N·qmax)``; that factor is left to the
+optimizer's learning rate here.
+
+Public names: :func:`quant_max`, :func:`quant_min`, :func:`quant_scale`,
+:func:`step_size`, :func:`quantize`, :func:`dequantize`,
+:func:`fake_quantize`, :class:`FakeQuantizeFunction`, :func:`amax_shape_for`,
+and the checks :func:`check_num_bits`, :func:`check_amax`, :func:`check_axis`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+__all__ = [
+    "quant_max",
+    "quant_min",
+    "quant_scale",
+    "step_size",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "FakeQuantizeFunction",
+    "amax_shape_for",
+    "check_num_bits",
+    "check_amax",
+    "check_axis",
+    "as_amax_tensor",
+]
+
+AmaxLike = Union[float, int, torch.Tensor]
+MIN_BITS, MAX_BITS = 2, 16
+
+
+# --------------------------------------------------------------------------
+# Argument checks (each error names the bad value and says what would work)
+# --------------------------------------------------------------------------
+def check_num_bits(num_bits: int) -> int:
+    """Return ``num_bits`` if it is an int in 2..16, else raise ValueError naming it."""
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not MIN_BITS <= num_bits <= MAX_BITS:
+        raise ValueError(
+            f"num_bits must be an int in {MIN_BITS}..{MAX_BITS}, got {num_bits!r}: 1 bit leaves no signed grid "
+            "(qmax = 0) and more than 16 bits is no longer a quantization worth simulating"
+        )
+    return num_bits
+
+
+def check_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...] | None:
+    """Normalize ``axis`` (None, an int or ints, negatives allowed) against a tensor of ``ndim`` dims.
+
+    Returns a sorted tuple of non-negative axes, or None. Raises ValueError for an
+    axis out of range or repeated, naming it and the tensor's number of dims.
+    """
+    if axis is None:
+        return None
+    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else tuple(axis)
+    out = []
+    for a in axes:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise ValueError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis {a} is out of range for a tensor with {ndim} dims (valid: {-ndim}..{ndim - 1}); "
+                "a conv weight [C_out, C_in, k, k] is quantized per channel with axis=0"
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis {axis!r} repeats a dimension")
+    return tuple(sorted(out))
+
+
+def amax_shape_for(x_shape: Sequence[int], axis: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The shape of an ``amax`` that keeps ``axis`` and broadcasts against ``x_shape``.
+
+    ``amax_shape_for((64, 3, 7, 7), 0) == (64, 1, 1, 1)``; ``axis=None`` gives ``()``
+    (one amax for the whole tensor).
+    """
+    x_shape = tuple(int(s) for s in x_shape)
+    axes = check_axis(axis, len(x_shape))
+    if axes is None:
+        return ()
+    return tuple(s if d in axes else 1 for d, s in enumerate(x_shape))
+
+
+def as_amax_tensor(amax: AmaxLike, device: torch.device | None = None) -> torch.Tensor:
+    """``amax`` as a float tensor (a python number becomes a 0-d float32 tensor); not validated."""
+    if isinstance(amax, torch.Tensor):
+        if not amax.is_floating_point():
+            amax = amax.float()
+        return amax if device is None else amax.to(device)
+    if isinstance(amax, bool) or not isinstance(amax, (int, float)):
+        raise ValueError(f"amax must be a positive number or a float tensor, got {type(amax).__name__} {amax!r}")
+    return torch.tensor(float(amax), dtype=torch.float32, device=device)
+
+
+def check_amax(amax: AmaxLike, x: torch.Tensor | None = None, axis: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Validate ``amax`` and return it as a tensor.
+
+    Raises ValueError when any entry is <= 0, NaN or infinite (naming the
+    offending value and how many there are), when its shape does not broadcast
+    against ``x`` without growing ``x`` (naming both shapes), or, with
+    ``axis`` given, when it is not ``amax_shape_for(x.shape, axis)`` (or its
+    squeezed 1-d form).
+    """
+    t = as_amax_tensor(amax)
+    with torch.no_grad():
+        bad = ~(t > 0) | ~torch.isfinite(t)  # catches <= 0, NaN and inf
+        if bool(bad.any()):
+            values = t.detach().flatten()[bad.flatten()]
+            raise ValueError(
+                f"amax must be positive and finite everywhere, got {values[:4].tolist()} "
+                f"({int(bad.sum())} of {t.numel()} entries bad); calibrate on data that is not all zero, or "
+                "set amax to the largest magnitude you want to keep"
+            )
+    if x is not None:
+        x_shape = tuple(x.shape)
+        try:
+            joint = torch.broadcast_shapes(x_shape, tuple(t.shape))
+        except RuntimeError:
+            joint = None
+        if joint != x_shape:
+            raise ValueError(
+                f"amax of shape {tuple(t.shape)} does not broadcast against x of shape {x_shape}; per-channel "
+                f"amax keeps the channel axis and has 1s elsewhere, e.g. {amax_shape_for(x_shape, 0) if x_shape else ()}"
+                " for axis 0"
+            )
+        if axis is not None:
+            want = amax_shape_for(x_shape, axis)
+            if tuple(t.shape) != want and t.numel() != math.prod(want):
+                raise ValueError(f"amax of shape {tuple(t.shape)} does not match axis={axis!r} of x {x_shape}: want {want}")
+    return t
+
+
+# --------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------
+def quant_max(num_bits: int, unsigned: bool = False) -> int:
+    """``qmax = 2^(num_bits − 1 + unsigned) − 1``: 127 (signed 8 bit), 255 (unsigned 8 bit), 7 (signed 4 bit)."""
+    check_num_bits(num_bits)
+    return 2 ** (num_bits - 1 + int(bool(unsigned))) - 1
+
+
+def quant_min(num_bits: int, unsigned: bool = False, narrow_range: bool = True) -> int:
+    """``qmin``: 0 unsigned; ``−qmax`` with narrow_range (symmetric grid); ``−qmax − 1`` without (full two's complement)."""
+    qmax = quant_max(num_bits, unsigned)
+    if unsigned:
+        return 0
+    return -qmax if narrow_range else -qmax - 1
+
+
+def quant_scale(amax: AmaxLike, num_bits: int = 8, unsigned: bool = False) -> torch.Tensor:
+    """``qmax / amax`` (pytorch-quantization's ``scale``): multiply x by it to get integers."""
+    return quant_max(num_bits, unsigned) / as_amax_tensor(amax)
+
+
+def step_size(amax: AmaxLike, num_bits: int = 8, unsigned: bool = False) -> torch.Tensor:
+    """``amax / qmax`` (torch's and ONNX's ``scale``): one integer step in x's units."""
+    return as_amax_tensor(amax) / quant_max(num_bits, unsigned)
+
+
+def _prepare(x: torch.Tensor, amax: AmaxLike, num_bits: int, unsigned: bool, narrow_range: bool):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+    qmax = quant_max(num_bits, unsigned)
+    qmin = quant_min(num_bits, unsigned, narrow_range)
+    amax_t = check_amax(amax, x).to(device=x.device)
+    return amax_t, qmin, qmax
+
+
+def _quantize_unchecked(x: torch.Tensor, qs: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    q = x * qs
+    q.round_()  # round half to even, as torch's nearbyint
+    return q.clamp_(qmin, qmax)
+
+
+def quantize(
+    x: torch.Tensor, amax: AmaxLike, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True
+) -> torch.Tensor:
+    """The integers ``clamp(round(x · quant_scale), qmin, qmax)``, held in x's float dtype (no gradient trick)."""
+    amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
+    qs = (qmax / amax_t.detach()).to(x.dtype)
+    return _quantize_unchecked(x.detach(), qs, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, amax: AmaxLike, num_bits: int = 8, unsigned: bool = False) -> torch.Tensor:
+    """Back to x's units: ``q / quant_scale``, computed as ``q · step_size`` (torch's and ONNX's rounding)."""
+    if not isinstance(q, torch.Tensor) or not q.is_floating_point():
+        q = torch.as_tensor(q, dtype=torch.float32)
+    return q * step_size(check_amax(amax, q).to(q.device), num_bits, unsigned).to(q.dtype)
+
+
+class FakeQuantizeFunction(torch.autograd.Function):
+    """``dequantize(quantize(x))`` with the STE for x and the LSQ gradient for amax (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, amax, qmin: int, qmax: int, unsigned: bool, learn_amax: bool):
+        qs = (qmax / amax).to(x.dtype)
+        q = _quantize_unchecked(x, qs, qmin, qmax)
+        ctx.qmin, ctx.qmax, ctx.unsigned, ctx.learn_amax = qmin, qmax, unsigned, learn_amax
+        ctx.amax_shape = amax.shape
+        ctx.save_for_backward(x, amax, q)
+        return q * (amax / qmax).to(x.dtype)  # = q / quant_scale, rounded as torch's (q − 0) · scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, amax, q = ctx.saved_tensors
+        a = amax.to(x.dtype)
+        lower = torch.zeros_like(a) if ctx.unsigned else -a
+        inside = (x >= lower) & (x <= a)
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_amax = None
+        if ctx.learn_amax and ctx.needs_input_grad[1]:
+            u = x * (ctx.qmax / a)
+            not_clipped = (u >= ctx.qmin) & (u <= ctx.qmax)
+            d = (q - u * not_clipped) / ctx.qmax
+            g = grad_out * d
+            # sum over the dimensions amax was broadcast along
+            shape = ctx.amax_shape
+            lead = g.dim() - len(shape)
+            g = g.sum(dim=tuple(range(lead))) if lead else g
+            dims = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+            if dims:
+                g = g.sum(dim=dims, keepdim=True)
+            grad_amax = g.reshape(shape).to(amax.dtype)
+        return grad_x, grad_amax, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    amax: AmaxLike,
+    num_bits: int = 8,
+    unsigned: bool = False,
+    narrow_range: bool = True,
+    learn_amax: bool = False,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` = ``clamp(round(x · qmax/amax), qmin, qmax) · amax/qmax``, differentiable.
+
+    Gradients: the STE for ``x`` (1 for ``|x| <= amax``, ``0 <= x <= amax``
+    unsigned; 0 where clipped) and, with ``learn_amax=True`` and ``amax`` a
+    tensor requiring grad, the LSQ gradient ``(q − x·quant_scale)/qmax``
+    (``q/qmax`` where clipped), summed per amax entry.
+    """
+    amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
+    if not learn_amax:
+        amax_t = amax_t.detach()
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or amax_t.requires_grad)
+    if not needs_graph:  # fast path: no mask to keep, everything in place on one buffer
+        qs = (qmax / amax_t).to(x.dtype)
+        out = _quantize_unchecked(x, qs, qmin, qmax)
+        return out.mul_((amax_t / qmax).to(x.dtype))
+    return FakeQuantizeFunction.apply(x, amax_t, qmin, qmax, bool(unsigned), bool(learn_amax))

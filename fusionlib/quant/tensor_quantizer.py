@@ -1,0 +1,254 @@
+r"""TensorQuantizer: an nn.Module that fake-quantizes, quantizes or calibrates one tensor.
+
+Built from a :class:`~fusionlib.quant.QuantDescriptor`. ``forward(x)``::
+
+    disabled            -> x
+    calibration enabled -> calibrator.collect(x.detach())     (then, if quantization is off, x)
+    quantization on     -> fake_quantize(x, amax, ...)        (fake_quant=True, the default)
+                           quantize(x, amax, ...)             (fake_quant=False: the integers)
+
+``amax`` lives in the buffer ``_amax`` (an ``nn.Parameter`` with
+``learn_amax=True``), so ``state_dict()`` saves it and ``load_state_dict``
+restores it, even into a fresh quantizer whose amax is still unset.
+
+**Export mode.** With ``export_mode = True`` (on the class or an instance)
+forward calls torch's own kernels with torch's parameters::
+
+    torch.fake_quantize_per_tensor_affine(x, step_size, 0, qmin, qmax)         axis None
+    torch.fake_quantize_per_channel_affine(x, step_size[C], zeros[C], axis, qmin, qmax)
+
+where ``step_size = amax / qmax`` (torch's "scale"), so ``torch.onnx.export``
+emits QuantizeLinear / DequantizeLinear pairs, as pytorch-quantization's
+``use_fb_fake_quant``. The results agree with the default path within one step
+(ties can round differently; see :mod:`fusionlib.quant.functional`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from fusionlib.quant.calibrators import HistogramCalibrator, MaxCalibrator
+from fusionlib.quant.descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
+from fusionlib.quant.functional import (
+    check_amax,
+    check_axis,
+    fake_quantize,
+    quant_max,
+    quant_min,
+    quantize,
+)
+
+__all__ = ["TensorQuantizer"]
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantize (or quantize, or calibrate on) the tensors passing through; see the module docstring."""
+
+    export_mode: bool = False
+
+    def __init__(
+        self,
+        quant_desc: QuantDescriptor = QUANT_DESC_8BIT_PER_TENSOR,
+        disabled: bool = False,
+        if_quant: bool = True,
+        if_calib: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(quant_desc, QuantDescriptor):
+            raise TypeError(f"quant_desc must be a QuantDescriptor, got {type(quant_desc).__name__}")
+        self.quant_desc = quant_desc
+        self._num_bits = quant_desc.num_bits
+        self._axis = quant_desc.axis
+        self._unsigned = quant_desc.unsigned
+        self._narrow_range = quant_desc.narrow_range
+        self._learn_amax = quant_desc.learn_amax
+        self._fake_quant = quant_desc.fake_quant
+        self.name = quant_desc.name
+        self._disabled = bool(disabled)
+        self._if_quant = bool(if_quant)
+        self._if_calib = bool(if_calib)
+        if quant_desc.calib_method == "histogram":
+            self.calibrator = HistogramCalibrator(self._num_bits, None, self._unsigned)
+        else:
+            self.calibrator = MaxCalibrator(self._num_bits, self._axis, self._unsigned)
+        if self._learn_amax:
+            self.register_parameter("_amax", None)
+        else:
+            self.register_buffer("_amax", None)
+        if quant_desc.amax is not None:
+            self.amax = torch.tensor(quant_desc.amax, dtype=torch.float32)
+
+    # ---- read-only views of the descriptor ------------------------------------------------
+    num_bits = property(lambda self: self._num_bits)
+    axis = property(lambda self: self._axis)
+    unsigned = property(lambda self: self._unsigned)
+    narrow_range = property(lambda self: self._narrow_range)
+    learn_amax = property(lambda self: self._learn_amax)
+    fake_quant = property(lambda self: self._fake_quant)
+    disabled = property(lambda self: self._disabled)
+    quant_enabled = property(lambda self: self._if_quant)
+    calib_enabled = property(lambda self: self._if_calib)
+
+    @property
+    def quant_max(self) -> int:
+        return quant_max(self._num_bits, self._unsigned)
+
+    @property
+    def quant_min(self) -> int:
+        return quant_min(self._num_bits, self._unsigned, self._narrow_range)
+
+    @property
+    def amax(self) -> torch.Tensor | None:
+        return self._amax
+
+    @amax.setter
+    def amax(self, value) -> None:
+        if value is None:
+            raise ValueError(f"{self._who()}: amax cannot be set to None; use reset_calib() to clear calibration")
+        t = check_amax(value).detach().to(torch.float32)
+        old = self._amax
+        if old is not None:
+            t = t.to(old.device)
+        if self._learn_amax:
+            if old is not None and old.shape == t.shape:
+                with torch.no_grad():
+                    old.copy_(t)
+            else:
+                self._amax = nn.Parameter(t.clone())
+        else:
+            self._amax = t.clone()
+
+    def _who(self) -> str:
+        return f"TensorQuantizer {self.name!r}" if self.name else "TensorQuantizer"
+
+    # ---- switches ------------------------------------------------------------------------
+    def enable(self) -> None:
+        self._disabled = False
+
+    def disable(self) -> None:
+        """Pass tensors through untouched (no calibration, no quantization)."""
+        self._disabled = True
+
+    def enable_quant(self) -> None:
+        self._if_quant = True
+
+    def disable_quant(self) -> None:
+        self._if_quant = False
+
+    def enable_calib(self) -> None:
+        self._if_calib = True
+
+    def disable_calib(self) -> None:
+        self._if_calib = False
+
+    def reset_calib(self) -> None:
+        self.calibrator.reset()
+
+    def load_calib_amax(self, method: str | None = None, **kwargs) -> torch.Tensor:
+        """Set amax from the calibrator: ``method`` None (or "max") for max, "percentile"/"mse"/"entropy" for histogram.
+
+        An all-zero channel (amax 0) gets amax 1: every amax > 0 quantizes zeros to zero. Returns the new amax.
+        """
+        try:
+            if isinstance(self.calibrator, MaxCalibrator):
+                if method not in (None, "max"):
+                    raise ValueError(
+                        f"{self._who()} has a max calibrator; method must be None or 'max', got {method!r} "
+                        "(build it with calib_method='histogram' for percentile / mse / entropy)"
+                    )
+                if kwargs:
+                    raise ValueError(f"the max calibrator takes no options, got {sorted(kwargs)}")
+                amax = self.calibrator.compute_amax()
+            else:
+                if method is None:
+                    raise ValueError(f"{self._who()} has a histogram calibrator: pass method='percentile', 'mse' or 'entropy'")
+                amax = self.calibrator.compute_amax(method, **kwargs)
+        except RuntimeError as err:
+            raise RuntimeError(f"{self._who()}: {err}") from None
+        zero = amax <= 0
+        if bool(zero.any()):
+            warnings.warn(f"{self._who()}: {int(zero.sum())} amax entries are 0 (all-zero data); using 1.0 there", stacklevel=2)
+            amax = torch.where(zero, torch.ones_like(amax), amax)
+        self.amax = amax
+        return self.amax
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._disabled:
+            return x
+        if self._if_calib:
+            self.calibrator.collect(x.detach())
+        if not self._if_quant:
+            return x
+        if self._amax is None:
+            raise RuntimeError(
+                f"{self._who()} has no amax: calibrate first or set amax (quantizer.amax = ...) before quantizing"
+            )
+        if self.export_mode:
+            return self._torch_fake_quant(x)
+        if self._fake_quant:
+            return fake_quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range, self._learn_amax)
+        return quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range)
+
+    def _torch_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        amax = check_amax(self._amax, x).to(device=x.device, dtype=torch.float32)
+        qmax, qmin = self.quant_max, self.quant_min
+        step = amax / qmax  # torch's "scale"
+        axes = check_axis(self._axis, x.dim())
+        if amax.numel() == 1:
+            return torch.fake_quantize_per_tensor_affine(x, float(step.reshape(())), 0, qmin, qmax)
+        if axes is None or len(axes) != 1:
+            raise ValueError(
+                f"{self._who()}: export mode quantizes per tensor or along one axis; got axis={self._axis} "
+                f"with amax of shape {tuple(amax.shape)}"
+            )
+        step = step.detach().flatten()
+        zero_point = torch.zeros(step.numel(), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, step, zero_point, axes[0], qmin, qmax)
+
+    # ---- state dict: accept _amax even when ours is still None ---------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "_amax"
+        if key in state_dict and self._amax is None:
+            value = state_dict[key]
+            if self._learn_amax:
+                self._amax = nn.Parameter(value.detach().clone().float())
+            else:
+                self._amax = value.detach().clone().float()
+        elif key in state_dict and self._amax is not None and state_dict[key].shape != self._amax.shape:
+            self.amax = state_dict[key]  # a different calibration shape: take it as is
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    # ---- repr ------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        if self._disabled:
+            return "disabled"
+        parts = [f"{self._num_bits}bit"]
+        if self._narrow_range:
+            parts.append("narrow")
+        if self._unsigned:
+            parts.append("unsigned")
+        parts.append("per-tensor" if self._axis is None else f"per-channel axis={self._axis}")
+        amax = self._amax
+        if amax is None:
+            parts.append("amax=unset")
+        elif amax.numel() == 1:
+            parts.append(f"amax={float(amax.detach().reshape(())):.4f}")
+        else:
+            a = amax.detach()
+            parts.append(f"amax=[{float(a.min()):.4f}, {float(a.max()):.4f}]({a.numel()})")
+        if self._learn_amax:
+            parts.append("learn_amax")
+        if not self._if_quant:
+            parts.append("quant off")
+        else:
+            parts.append("fake" if self._fake_quant else "real")
+        if self._if_calib:
+            parts.append(f"calib={type(self.calibrator).__name__}")
+        if self.export_mode:
+            parts.append("export")
+        if self.name:
+            parts.append(f"name={self.name!r}")
+        return " ".join(parts)
