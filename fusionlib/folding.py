@@ -20,6 +20,24 @@ the exact fold of its inputs. torch computes in the weights' dtype and rounds
 three times. The folded weight keeps the layer weight's dtype and memory
 format (``channels_last`` stays ``channels_last``).
 
+BatchNorm *before* a convolution (MaxViT's ``pre_norm``). Write the BatchNorm as
+``BN(x) = a·x + c`` per input channel, ``a = γ/√(σ²+ε)``, ``c = β − μ·a``. Then::
+
+    conv(BN(x))[o] = Σ_i W[o,i] ⋆ (a[i]·x[i] + c[i]) + b[o]
+                   = Σ_i (W[o,i]·a[i]) ⋆ x[i] + (b[o] + Σ_i Σ_k W[o,i,k]·c[i])
+
+so ``W'[o,i] = W[o,i]·a[i]`` and ``b'[o] = b[o] + Σ_{i,k} W[o,i,k]·c[i]``
+(:func:`fuse_bn_conv_weights`; ``i`` runs over the input channels of ``o``'s
+group). The second step assumes every kernel tap sees ``a·x + c``; a zero
+that padding adds at the border never went through the BatchNorm, so the fold
+is exact only for ``padding=0`` (:func:`fuse_bn_conv_eval` requires it). A conv
+may absorb a BatchNorm on each side: ``fuse_bn_conv_eval(bn, conv, bn_after)``
+does both folds in one float64 computation, rounded once.
+
+torchvision's ``FrozenBatchNorm2d`` (the norm layer of pretrained detection
+backbones) is the same affine map with fixed buffers and its own ``eps``; every
+function here takes it wherever it takes a BatchNorm.
+
 Public names, with the signatures of their ``torch.nn.utils.fusion``
 namesakes: :func:`fuse_conv_bn_weights`, :func:`fuse_linear_bn_weights`
 (tensors in, Parameters out), :func:`fuse_conv_bn_eval`,
@@ -33,6 +51,7 @@ matches the layer type; bad input raises :class:`FusionError` naming the modules
 from __future__ import annotations
 
 import copy
+import functools
 from contextvars import ContextVar
 from typing import TypeVar
 
@@ -48,6 +67,11 @@ __all__ = [
     "fuse_conv_bn_eval",
     "fuse_linear_bn_weights",
     "fuse_linear_bn_eval",
+    "fuse_bn_conv_weights",
+    "fuse_bn_conv_eval",
+    "is_batchnorm",
+    "stock_forward_base",
+    "frozen_batchnorm_class",
 ]
 
 ConvT = TypeVar("ConvT", bound=_ConvNd)
@@ -82,11 +106,75 @@ def fuse_conv_bn_weights(
     """
     with torch.no_grad():
         dtype = _compute_dtype(conv_w)
-        scale, beta = _batchnorm_scale_and_shift(bn_rm, bn_rv, bn_eps, bn_w, bn_b, dtype)
-        bias = torch.zeros_like(scale) if conv_b is None else conv_b.detach().to(dtype)
-        fused_w = _scale_output_channels(conv_w.detach().to(dtype), scale, transpose)
-        fused_b = (bias - bn_rm.to(dtype)) * scale + beta
+        bias = None if conv_b is None else conv_b.detach().to(dtype)
+        fused_w, fused_b = _fold_bn_after(conv_w.detach().to(dtype), bias,
+                                          bn_rm, bn_rv, bn_eps, bn_w, bn_b, transpose)
     return _as_parameters(fused_w, fused_b, conv_w, conv_b)
+
+
+def _fold_bn_after(weight: torch.Tensor, bias: torch.Tensor | None, bn_rm: torch.Tensor, bn_rv: torch.Tensor,
+                   bn_eps: float, bn_w: torch.Tensor | None, bn_b: torch.Tensor | None, transpose: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W·s``, ``(b − μ)·s + β`` in the dtype of ``weight`` (no rounding back)."""
+    dtype = weight.dtype
+    scale, beta = _batchnorm_scale_and_shift(bn_rm, bn_rv, bn_eps, bn_w, bn_b, dtype)
+    bias = torch.zeros_like(scale) if bias is None else bias
+    fused_w = _scale_output_channels(weight, scale, transpose)
+    fused_b = (bias - bn_rm.to(dtype)) * scale + beta
+    return fused_w, fused_b
+
+
+def fuse_bn_conv_weights(
+    bn_rm: torch.Tensor,
+    bn_rv: torch.Tensor,
+    bn_eps: float,
+    bn_w: torch.Tensor | None,
+    bn_b: torch.Tensor | None,
+    conv_w: torch.Tensor,
+    conv_b: torch.Tensor | None,
+    groups: int = 1,
+) -> tuple[nn.Parameter, nn.Parameter]:
+    r"""Fold a BatchNorm that comes *before* a convolution into the convolution's weights.
+
+    With ``a = γ/√(σ²+ε)`` and ``c = β − μ·a`` per *input* channel::
+
+        W'[o,i] = W[o,i] · a[i]          b'[o] = b[o] + Σ_{i,k} W[o,i,k] · c[i]
+
+    ``i`` runs over the input channels of output channel ``o``'s group (``groups``, as
+    in the conv). Exact only when the conv adds no padding (see the module docstring).
+    Arithmetic in float64, rounded once to the input dtypes.
+    """
+    with torch.no_grad():
+        dtype = _compute_dtype(conv_w)
+        bias = None if conv_b is None else conv_b.detach().to(dtype)
+        fused_w, fused_b = _fold_bn_before(conv_w.detach().to(dtype), bias,
+                                           bn_rm, bn_rv, bn_eps, bn_w, bn_b, groups)
+    return _as_parameters(fused_w, fused_b, conv_w, conv_b)
+
+
+def _fold_bn_before(weight: torch.Tensor, bias: torch.Tensor | None, bn_rm: torch.Tensor, bn_rv: torch.Tensor,
+                    bn_eps: float, bn_w: torch.Tensor | None, bn_b: torch.Tensor | None, groups: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W[o,i]·a[i]``, ``b + Σ W[o,i,k]·c[i]`` in the dtype of ``weight`` (no rounding back)."""
+    dtype = weight.dtype
+    out_channels, in_per_group = weight.shape[0], weight.shape[1]
+    in_channels = bn_rm.numel()
+    if groups < 1 or out_channels % groups or in_channels != in_per_group * groups:
+        raise FusionError(
+            f"Conv weight of shape {tuple(weight.shape)} with groups={groups} takes "
+            f"{in_per_group * groups} input channels, but the BatchNorm before it has {in_channels} features."
+        )
+    scale, beta = _batchnorm_scale_and_shift(bn_rm, bn_rv, bn_eps, bn_w, bn_b, dtype)
+    shift = beta - bn_rm.to(dtype) * scale  # BN(x) = scale·x + shift
+    kernel_ones = [1] * (weight.dim() - 2)
+    # input channel i of output channel o: i = group(o)·in_per_group + j, j = weight's dim 1
+    per_output = lambda v: v.reshape(groups, 1, in_per_group).expand(  # noqa: E731
+        groups, out_channels // groups, in_per_group).reshape(out_channels, in_per_group)
+    fused_w = weight * per_output(scale).reshape(out_channels, in_per_group, *kernel_ones)
+    taps = weight.reshape(out_channels, in_per_group, -1).sum(-1)  # Σ_k W[o,j,k]
+    bias = torch.zeros(out_channels, dtype=dtype, device=weight.device) if bias is None else bias
+    fused_b = bias + (taps * per_output(shift)).sum(1)
+    return fused_w, fused_b
 
 
 def fuse_linear_bn_weights(
@@ -219,6 +307,60 @@ def fuse_conv_bn_eval(conv: ConvT, bn: _BatchNorm, transpose: bool = False) -> C
     return fused
 
 
+def _has_no_padding(conv: _ConvNd) -> bool:
+    """True when the conv reads only real input values (``padding`` 0 or ``'valid'``)."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        return padding == "valid" or all(k == 1 for k in conv.kernel_size)
+    return all(p == 0 for p in padding)
+
+
+def why_not_bn_before_conv(bn: nn.Module, conv: nn.Module) -> str | None:
+    """``None`` if ``conv(bn(x))`` folds into one conv exactly, else the reason (a sentence)."""
+    if isinstance(conv, _ConvTransposeNd) or not isinstance(conv, _ConvNd):
+        return (f"{_describe(conv)} is not a Conv1d/2d/3d (a transposed conv spreads the BatchNorm shift "
+                "unevenly at the border)")
+    if not _has_no_padding(conv):
+        return (f"{_describe(conv)} has padding={conv.padding}: the zeros it adds at the border never went "
+                "through the BatchNorm, so folding would change the border outputs")
+    if bn.running_mean is None or bn.running_var is None:
+        return f"{_describe(bn)} has track_running_stats=False: it is not a fixed affine map"
+    if _num_features(bn) != conv.in_channels:
+        return (f"{_describe(bn)} has {_num_features(bn)} features but {_describe(conv)} takes "
+                f"in_channels={conv.in_channels}")
+    return None
+
+
+def fuse_bn_conv_eval(bn: nn.Module, conv: ConvT, bn_after: nn.Module | None = None) -> ConvT:
+    r"""Return a new conv equal to ``conv(bn(x))`` (or ``bn_after(conv(bn(x)))``) in eval mode.
+
+    ``W'[o,i] = W[o,i]·a[i]``, ``b'[o] = b[o] + Σ_{i,k} W[o,i,k]·c[i]`` with
+    ``a = γ/√(σ²+ε)``, ``c = β − μ·a`` (see :func:`fuse_bn_conv_weights`); then, if
+    ``bn_after`` is given, the usual ``W'' = W'·s``, ``b'' = (b' − μ)·s + β`` of
+    :func:`fuse_conv_bn_weights`, all in float64 and rounded once. Requires a
+    Conv1d/2d/3d with ``padding=0`` (exactness; the module docstring says why).
+    ``bn``, ``conv`` and ``bn_after`` are not modified.
+    """
+    _check_foldable(conv, bn)
+    why_not = why_not_bn_before_conv(bn, conv)
+    if why_not is not None:
+        raise FusionError(f"Cannot fold {_describe(bn)} into the conv after it: {why_not}.")
+    if bn_after is not None:
+        _check_foldable(conv, bn_after)
+        _check_channels(conv, conv.out_channels, bn_after, "out_channels")
+    fused = copy.deepcopy(conv)
+    with torch.no_grad():
+        dtype = _compute_dtype(conv.weight)
+        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        weight, bias = _fold_bn_before(conv.weight.detach().to(dtype), bias, bn.running_mean, bn.running_var,
+                                       bn.eps, bn.weight, bn.bias, conv.groups)
+        if bn_after is not None:
+            weight, bias = _fold_bn_after(weight, bias, bn_after.running_mean, bn_after.running_var,
+                                          bn_after.eps, bn_after.weight, bn_after.bias, False)
+    fused.weight, fused.bias = _as_parameters(weight, bias, conv.weight, conv.bias)
+    return fused
+
+
 def fuse_linear_bn_eval(linear: LinearT, bn: _BatchNorm) -> LinearT:
     r"""Return a new linear layer equal to ``bn(linear(x))`` in eval mode.
 
@@ -226,7 +368,7 @@ def fuse_linear_bn_eval(linear: LinearT, bn: _BatchNorm) -> LinearT:
     must have ``out_features`` features, or one feature (then broadcast).
     """
     _check_foldable(linear, bn)
-    if bn.num_features != 1:
+    if _num_features(bn) != 1:
         _check_channels(linear, linear.out_features, bn, "out_features")
     fused = copy.deepcopy(linear)
     fused.weight, fused.bias = fuse_linear_bn_weights(
@@ -256,10 +398,69 @@ def _check_same_mode(layer: nn.Module, bn: nn.Module) -> None:
         )
 
 
+def is_batchnorm(module: nn.Module) -> bool:
+    """A torch BatchNorm (any ``_BatchNorm``) or torchvision's ``FrozenBatchNorm2d``."""
+    if isinstance(module, _BatchNorm):
+        return True
+    frozen = frozen_batchnorm_class()
+    return frozen is not None and isinstance(module, frozen)
+
+
+# --------------------------------------------------------------------------
+# Which classes compute as a torch conv / linear / BatchNorm (the leaf rule)
+# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def frozen_batchnorm_class() -> type[nn.Module] | None:
+    """``torchvision.ops.misc.FrozenBatchNorm2d``, or ``None`` without torchvision."""
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+    except ImportError:  # pragma: no cover - torchvision is a dependency of the course
+        return None
+    return FrozenBatchNorm2d
+
+
+def _foldable_bases() -> tuple[type[nn.Module], ...]:
+    frozen = frozen_batchnorm_class()
+    bases: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+    return bases + ((frozen,) if frozen is not None else ())
+
+
+def _is_stock_class(cls: type) -> bool:
+    """A class of torch.nn (or FrozenBatchNorm2d) itself, not a user's subclass."""
+    if cls.__module__ == "torch.nn.utils.parametrize":  # Parametrized<Class>: look further up
+        return False
+    return cls.__module__.startswith(("torch.nn.", "torch.ao.nn.")) or cls is frozen_batchnorm_class()
+
+
+def stock_forward_base(cls: type) -> type[nn.Module] | None:
+    """The torch conv / linear / BatchNorm class (or FrozenBatchNorm2d) that ``cls`` computes as.
+
+    ``cls`` itself when it is one of those classes; its nearest such parent when ``cls`` is
+    a subclass that keeps the parent's ``forward`` (and ``_conv_forward``) -- it computes
+    exactly what the parent computes; ``None`` for any other class, in particular a subclass
+    that overrides ``forward``: it may compute anything.
+    """
+    if not isinstance(cls, type) or not issubclass(cls, _foldable_bases()):
+        return None
+    base = next((c for c in cls.__mro__ if _is_stock_class(c)), None)
+    if base is None or not issubclass(base, _foldable_bases()):
+        return None
+    for method in ("forward", "_conv_forward"):
+        if getattr(cls, method, None) is not getattr(base, method, None):
+            return None
+    return base
+
+
+def _num_features(bn: nn.Module) -> int:
+    """``num_features`` of a BatchNorm; FrozenBatchNorm2d has none: its statistics' length."""
+    features = getattr(bn, "num_features", None)
+    return int(features) if features is not None else int(bn.running_mean.numel())
+
+
 def _check_foldable(layer: nn.Module, bn: _BatchNorm) -> None:
     """Eval folding needs eval mode and running statistics."""
     _check_same_mode(layer, bn)
-    if bn.training:
+    if bn.training and isinstance(bn, _BatchNorm):  # FrozenBatchNorm2d uses its statistics in both modes
         raise FusionError(
             f"Cannot fold {_describe(bn)} into {_describe(layer)}: they are in training mode, "
             "where BatchNorm normalizes with batch statistics. Call model.eval() first, "
@@ -273,10 +474,10 @@ def _check_foldable(layer: nn.Module, bn: _BatchNorm) -> None:
 
 
 def _check_channels(layer: nn.Module, out_channels: int, bn: _BatchNorm, what: str) -> None:
-    if bn.num_features != out_channels:
+    if _num_features(bn) != out_channels:
         raise FusionError(
             f"Cannot fuse {_describe(layer)} ({what}={out_channels}) with {_describe(bn)} "
-            f"(num_features={bn.num_features}): the numbers must be equal."
+            f"(num_features={_num_features(bn)}): the numbers must be equal."
         )
 
 

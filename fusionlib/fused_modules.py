@@ -10,7 +10,9 @@ into one of these, so the fused group stays one module under the first name:
   training (``ConvBn1d/2d/3d``, ``ConvBnReLU1d/2d/3d``, ``LinearBn1d``).
 
 Each class lists the module types it takes in ``module_types`` and checks them
-on construction; its forward is ``nn.Sequential``'s (each module in turn), and
+on construction (a subclass that keeps its parent's ``forward``, e.g.
+``class MyConv(nn.Conv2d)`` adding only a method, counts as its parent: see
+:func:`fusionlib.folding.stock_forward_base`); its forward is ``nn.Sequential``'s (each module in turn), and
 its ``training`` flag is copied from the first module. ``BNReLU1d`` has no
 torch namesake (torch.ao only fuses BatchNorm2d/3d + ReLU).
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from fusionlib.folding import FusionError
+from fusionlib.folding import FusionError, stock_forward_base
 
 __all__ = [
     "FusedSequential",
@@ -50,13 +52,18 @@ class FusedSequential(nn.Sequential):
     module_types: tuple[type[nn.Module], ...] = ()
 
     def __init__(self, *modules: nn.Module) -> None:
-        types = tuple(type_before_parametrizations(m) for m in modules)
+        types = tuple(_computes_as(type_before_parametrizations(m)) for m in modules)
         if types != self.module_types:
             got = ", ".join(t.__name__ for t in types)
             want = ", ".join(t.__name__ for t in self.module_types)
             raise FusionError(f"{type(self).__name__} takes ({want}), got ({got}).")
         super().__init__(*modules)
         self.training = modules[0].training
+
+
+def _computes_as(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls``, or the torch class it subclasses without changing ``forward``."""
+    return stock_forward_base(cls) or cls
 
 
 # --------------------------------------------------------------------------

@@ -39,6 +39,15 @@ Where we deliberately differ from torch (see also :mod:`fusionlib.folding`)
   ``inplace=True`` names and type sequences are checked before anything
   changes, and if a fuser fails halfway the model is restored.
 * ``(BatchNorm1d, ReLU)`` fuses to :class:`BNReLU1d` (torch has no 1d form).
+* ``(Conv2d, FrozenBatchNorm2d)`` and ``(Conv2d, FrozenBatchNorm2d, ReLU)`` fold
+  torchvision's frozen BatchNorm (pretrained detection backbones), with its own eps.
+* A subclass that keeps its parent's ``forward`` (``class MyConv(nn.Conv2d)``
+  adding only a method, torchvision's ``Conv3DSimple``) fuses like the parent;
+  one that overrides ``forward`` never does (the error says so).
+
+:func:`auto_fuse` (in :mod:`fusionlib.auto_fuse`, re-exported here) finds the
+groups by itself for models torch.fx cannot trace: one real forward pass records
+the dataflow, and the outputs are verified before and after.
 * The fused container's ``training`` flag is copied from the first module.
 * Unknown keys in ``fuse_custom_config_dict`` are an error, not ignored.
 """
@@ -63,10 +72,15 @@ from fusionlib.folding import (
     _check_channels,
     _check_same_mode,
     _describe,
+    frozen_batchnorm_class,
+    fuse_bn_conv_eval,
+    fuse_bn_conv_weights,
     fuse_conv_bn_eval,
     fuse_conv_bn_weights,
     fuse_linear_bn_eval,
     fuse_linear_bn_weights,
+    is_batchnorm,
+    stock_forward_base,
 )
 from fusionlib.fused_modules import (
     CONV_BN,
@@ -98,6 +112,11 @@ __all__ = [
     "fuse_conv_bn_eval",
     "fuse_linear_bn_weights",
     "fuse_linear_bn_eval",
+    "fuse_bn_conv_weights",
+    "fuse_bn_conv_eval",
+    "is_batchnorm",
+    "stock_forward_base",
+    "frozen_batchnorm_class",
     "fuse_conv_bn",
     "fuse_conv_bn_relu",
     "fuse_linear_bn",
@@ -107,6 +126,8 @@ __all__ = [
     "fuse_known_modules",
     "fuse_modules",
     "fuse_modules_qat",
+    "auto_fuse",
+    "AutoFuseReport",
     *fused_modules.__all__,  # the containers, re-exported
 ]
 
@@ -135,18 +156,35 @@ def _check_qat_conv_bn(conv: _ConvNd, bn: _BatchNorm) -> None:
     _check_trainable_bn(bn)
 
 
+def _computes_as(module: nn.Module) -> type[nn.Module]:
+    """The module's type, or the torch class it subclasses without changing ``forward``."""
+    cls = type_before_parametrizations(module)
+    return stock_forward_base(cls) or cls
+
+
+def _check_not_frozen_for_qat(bn: nn.Module) -> None:
+    frozen = frozen_batchnorm_class()
+    if frozen is not None and isinstance(bn, frozen):
+        raise UnsupportedFusionError(
+            f"{_describe(bn)} has no trainable statistics, so there is nothing for fuse_modules_qat to "
+            "keep training: fold it with fuse_modules (eval mode) instead."
+        )
+
+
 def fuse_conv_bn(is_qat: bool, conv: _ConvNd, bn: _BatchNorm) -> nn.Module:
     """Conv+BN: eval -> one folded conv; QAT -> ConvBnNd keeping the BatchNorm."""
     if is_qat:
+        _check_not_frozen_for_qat(bn)
         _check_qat_conv_bn(conv, bn)
-        return CONV_BN[type_before_parametrizations(conv)](conv, bn)
+        return CONV_BN[_computes_as(conv)](conv, bn)
     return fuse_conv_bn_eval(conv, bn)
 
 
 def fuse_conv_bn_relu(is_qat: bool, conv: _ConvNd, bn: _BatchNorm, relu: nn.ReLU) -> nn.Module:
     """Conv+BN+ReLU: eval -> ConvReLUNd(folded conv, relu); QAT -> ConvBnReLUNd."""
-    conv_type = type_before_parametrizations(conv)
+    conv_type = _computes_as(conv)
     if is_qat:
+        _check_not_frozen_for_qat(bn)
         _check_qat_conv_bn(conv, bn)
         return CONV_BN_RELU[conv_type](conv, bn, relu)
     return CONV_RELU[conv_type](fuse_conv_bn_eval(conv, bn), relu)
@@ -202,6 +240,9 @@ _DEFAULT_FUSER_METHODS: dict[tuple[type[nn.Module], ...], FuserMethod] = {
     (nn.BatchNorm2d, nn.ReLU): _sequential_fuser(BNReLU2d),
     (nn.BatchNorm3d, nn.ReLU): _sequential_fuser(BNReLU3d),
 }
+if frozen_batchnorm_class() is not None:
+    _DEFAULT_FUSER_METHODS[(nn.Conv2d, frozen_batchnorm_class())] = fuse_conv_bn
+    _DEFAULT_FUSER_METHODS[(nn.Conv2d, frozen_batchnorm_class(), nn.ReLU)] = fuse_conv_bn_relu
 
 
 def _type_names(types: Sequence[type]) -> str:
@@ -222,18 +263,35 @@ def get_fuser_method(
     """Return the fuser method ``f(is_qat, *modules)`` for a sequence of module types.
 
     ``additional_fuser_method_mapping`` entries take precedence over the
-    defaults. Raises :class:`UnsupportedFusionError` (a NotImplementedError)
-    naming the types and listing the supported sequences.
+    defaults. A subclass that keeps its parent's ``forward`` is looked up as
+    the parent when the exact sequence has no entry. Raises
+    :class:`UnsupportedFusionError` (a NotImplementedError) naming the types
+    and listing the supported sequences.
     """
     mapping = {**_DEFAULT_FUSER_METHODS, **(additional_fuser_method_mapping or {})}
-    fuser_method = mapping.get(tuple(op_list))
+    op_list = tuple(op_list)
+    fuser_method = mapping.get(op_list)
+    if fuser_method is None:
+        fuser_method = mapping.get(tuple(stock_forward_base(t) or t for t in op_list))
     if fuser_method is None:
         supported = "; ".join(_type_names(key) for key in mapping)
         raise UnsupportedFusionError(
             f"Cannot fuse the module types {_type_names(op_list)}: no fuser method for this "
-            f"sequence. Supported sequences: {supported}."
+            f"sequence.{_overridden_forward_note(op_list)} Supported sequences: {supported}."
         )
     return fuser_method
+
+
+def _overridden_forward_note(op_list: Sequence[type]) -> str:
+    """Name the types that subclass a torch layer but override ``forward``, if any."""
+    notes = []
+    for t in op_list:
+        if isinstance(t, type) and issubclass(t, (_ConvNd, nn.Linear, _BatchNorm)) and stock_forward_base(t) is None:
+            parent = next((c for c in t.__mro__[1:] if c.__module__.startswith("torch.nn.")), None)
+            parent_name = parent.__name__ if parent is not None else "its torch parent"
+            notes.append(f" {t.__name__} subclasses {parent_name} but overrides forward, so it may compute "
+                         f"something else and is never fused as a {parent_name}.")
+    return "".join(notes)
 
 
 # --------------------------------------------------------------------------
@@ -543,3 +601,12 @@ def fuse_modules_qat(
     Linear+BN become ConvBnNd / ConvBnReLUNd / LinearBn1d containers whose
     BatchNorm keeps training; nothing is folded."""
     return _fuse_modules(model, modules_to_fuse, True, inplace, fuser_func, fuse_custom_config_dict)
+
+
+def __getattr__(name: str) -> Any:
+    """``auto_fuse`` / ``AutoFuseReport`` live in :mod:`fusionlib.auto_fuse` (imported on first use)."""
+    if name in ("auto_fuse", "AutoFuseReport"):
+        import importlib
+
+        return getattr(importlib.import_module("fusionlib.auto_fuse"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,24 @@ Modules are told apart by *identity*, not by name: one module can sit under two 
 (``self.conv2 = self.conv``, see ``named_modules(remove_duplicate=False)``); calls through
 either name are call sites of the same module.
 
+Beyond torch's own pass (``torch.fx.experimental.optimization.fuse``):
+
+* **Subclasses.** A subclass of a torch conv / linear / BatchNorm class that keeps its
+  parent's ``forward`` stays a leaf while tracing and folds like its parent (torchvision's
+  ``Conv3DSimple`` in ``r3d_18``, a user's ``class MyConv(nn.Conv2d)``). A subclass that
+  overrides ``forward`` is traced through and never folded as its parent; the report names
+  it (``FusionReport.overridden``) and says why.
+* **FrozenBatchNorm2d** (torchvision's frozen norm layer of detection backbones) folds like
+  ``BatchNorm2d``, with its own eps.
+* **BatchNorm before a convolution** (MaxViT's ``pre_norm``). ``BN(x) = a·x + c`` per input
+  channel, so ``conv(BN(x))`` is one conv with ``W'[o,i] = W[o,i]·a[i]`` and
+  ``b'[o] = b[o] + Σ_{i,k} W[o,i,k]·c[i]`` (:func:`fusionlib.folding.fuse_bn_conv_eval`,
+  float64, rounded once). It is exact only if the conv adds no padding (a padded zero never
+  went through the BatchNorm), so it needs ``padding=0``; the BatchNorm's output must have
+  no other user, every call of the conv must follow the same BatchNorm, and the same
+  hook / reader rules apply. A BatchNorm after a conv is folded that way first; a conv may
+  absorb one BatchNorm on each side. :attr:`FusedPair.direction` says which way each went.
+
 Everything else is left as it was; :class:`FusionReport` says what was folded and why the
 rest was skipped. Functional ``F.batch_norm`` calls are out of scope (left untouched).
 """
@@ -40,6 +58,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fusionlib.folding import (
+    _num_features,
+    frozen_batchnorm_class,
+    fuse_bn_conv_eval,
+    is_batchnorm,
+    stock_forward_base,
+    why_not_bn_before_conv,
+)
 from fusionlib.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from fusionlib.fx.tracing import modules_by_name, propagate_shapes, symbolic_trace
 from fusionlib.modules import require_eval_mode, set_submodule
@@ -61,18 +87,42 @@ FOLDABLE_PAIRS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: nn.BatchNorm1d,
 }
 
+#: The BatchNorm-like class torchvision freezes into detection backbones (2-D, like BatchNorm2d).
+FROZEN_BATCHNORM = frozen_batchnorm_class()
+
+
+def _computes_as(module: nn.Module) -> type[nn.Module] | None:
+    """The torch class ``module`` computes as (itself, or the parent whose forward it keeps)."""
+    return stock_forward_base(type(module))
+
+
+def _bn_pairs_with(layer_type: type[nn.Module], bn_type: type[nn.Module]) -> bool:
+    wanted = FOLDABLE_PAIRS[layer_type]
+    return bn_type is wanted or (bn_type is FROZEN_BATCHNORM and wanted is nn.BatchNorm2d)
+
+
+def _is_foldable_bn_type(bn_type: type[nn.Module] | None) -> bool:
+    return bn_type in BATCHNORM_TYPES or (bn_type is not None and bn_type is FROZEN_BATCHNORM)
+
 
 @dataclass
 class FusedPair:
-    """One folded pair: ``layer`` now holds ``bn``'s affine map (at ``call_sites`` call sites)."""
+    """One folded pair: ``layer`` now holds ``bn``'s affine map (at ``call_sites`` call sites).
+
+    ``direction``: ``"after"`` when the BatchNorm followed the layer (``W·s``), ``"before"``
+    when it came before a conv (``W[o,i]·a[i]``).
+    """
 
     layer: str
     bn: str
     kind: str
     call_sites: int = 1
+    direction: str = "after"
 
     def __str__(self) -> str:
         sites = f"  [{self.call_sites} call sites]" if self.call_sites > 1 else ""
+        if self.direction == "before":
+            return f"{self.bn} -> {self.layer}  ({self.kind}, BN before the conv){sites}"
         return f"{self.layer} + {self.bn}  ({self.kind}){sites}"
 
 
@@ -105,10 +155,19 @@ class FusionReport:
     skipped: list[SkippedBatchNorm] = field(default_factory=list)
     batchnorm_calls_before: int = 0
     batchnorm_calls_after: int = 0
+    #: Subclasses of conv / linear / BatchNorm that override ``forward``: never folded as their parent.
+    overridden: list[str] = field(default_factory=list)
 
     @property
     def num_fused(self) -> int:
         return len(self.fused)
+
+    def directions(self) -> dict[str, int]:
+        """How many BatchNorms were folded into the layer before them (``after``) / after them (``before``)."""
+        counts: dict[str, int] = defaultdict(int)
+        for p in self.fused:
+            counts[p.direction] += 1
+        return dict(counts)
 
     def reasons(self) -> dict[str, int]:
         """How many BatchNorm calls were left, by kind of reason."""
@@ -122,13 +181,13 @@ class FusionReport:
 
     def format(self, max_lines: int = 8) -> str:
         """The report, listing at most ``max_lines`` fused and skipped entries."""
-        if self.batchnorm_calls_before == 0:
+        if self.batchnorm_calls_before == 0 and not self.overridden:
             return f"FusionReport({self.model_name}): no BatchNorm modules in the graph, nothing to fuse."
         lines = [f"FusionReport({self.model_name}): fused {self.num_fused} pair(s); "
                  f"BatchNorm calls {self.batchnorm_calls_before} -> {self.batchnorm_calls_after}"]
         kinds: dict[str, int] = defaultdict(int)
         for p in self.fused:
-            kinds[p.kind] += 1
+            kinds[p.kind if p.direction == "after" else f"{p.kind} (BN before conv)"] += 1
         if kinds:
             lines.append("  fused: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()))
         for p in self.fused[:max_lines]:
@@ -142,16 +201,18 @@ class FusionReport:
             if len(self.skipped) > max_lines:
                 lines.append(f"    ... and {len(self.skipped) - max_lines} more "
                              f"(by reason: {self.reasons()})")
+        if self.overridden:
+            lines.append("  subclasses that override forward (traced through, never folded as their parent):")
+            lines.extend(f"    {o}" for o in self.overridden[:max_lines])
         return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- finding pairs
 
 def count_batchnorm_nodes(gm: fx.GraphModule) -> int:
-    """Number of ``call_module`` nodes that run a BatchNorm module (any ``_BatchNorm``)."""
+    """Number of ``call_module`` nodes that run a BatchNorm module (any ``_BatchNorm``, or FrozenBatchNorm2d)."""
     modules = modules_by_name(gm)
-    return sum(1 for n in gm.graph.nodes
-               if n.op == "call_module" and isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm))
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and is_batchnorm(modules[n.target]))
 
 
 def _call_sites(graph: fx.Graph, modules: dict[str, nn.Module]) -> dict[int, list[fx.Node]]:
@@ -219,25 +280,34 @@ def _why_not_foldable(bn_node: fx.Node, modules: dict[str, nn.Module]) -> tuple[
         what = producer.op if isinstance(producer, fx.Node) else type(producer).__name__
         target = getattr(producer, "target", "")
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        overriding = _overriding_subclass(producer) if isinstance(producer, fx.Node) else None
+        if overriding is not None:
+            path, cls, parent = overriding
+            return "subclass", (f"its input comes from '{path}' ({cls.__name__}), a subclass of {parent.__name__} "
+                                "that overrides forward: it was traced through and is never folded as a "
+                                f"{parent.__name__}")
         return "no Conv/Linear before it", f"its input comes from {what} '{name}'"
     layer = modules[producer.target]
-    layer_type = type(layer)
+    layer_type = _computes_as(layer)
     if layer_type not in FOLDABLE_PAIRS:
         base = next((t for t in FOLDABLE_PAIRS if isinstance(layer, t)), None)
         if base is not None:
-            return "subclass", f"'{producer.target}' is a {layer_type.__name__}, a subclass of {base.__name__} " \
-                               "whose forward may differ"
-        return "no Conv/Linear before it", f"its input comes from '{producer.target}' ({layer_type.__name__})"
-    if type(bn) not in BATCHNORM_TYPES:
-        return "subclass", f"{type(bn).__name__} is not BatchNorm1d/2d/3d; its forward may differ"
-    if FOLDABLE_PAIRS[layer_type] is not type(bn):
-        return "type mismatch", f"{layer_type.__name__} is followed by {type(bn).__name__}"
+            return "subclass", (f"'{producer.target}' is a {type(layer).__name__}, a subclass of {base.__name__} "
+                                "that overrides forward, so it may compute something else")
+        return "no Conv/Linear before it", f"its input comes from '{producer.target}' ({type(layer).__name__})"
+    bn_type = _computes_as(bn)
+    if not _is_foldable_bn_type(bn_type):
+        return "subclass", (f"{type(bn).__name__} is not BatchNorm1d/2d/3d or FrozenBatchNorm2d; it overrides "
+                            "forward, so it may compute something else")
+    if not _bn_pairs_with(layer_type, bn_type):
+        return "type mismatch", f"{layer_type.__name__} is followed by {bn_type.__name__}"
     if bn.running_mean is None or bn.running_var is None:
         return "batch statistics", ("track_running_stats=False: BatchNorm normalizes with batch statistics "
                                     "in eval mode too")
     out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if bn.num_features != out_channels and not (isinstance(layer, nn.Linear) and bn.num_features == 1):
-        return "channel mismatch", f"{out_channels} outputs vs BatchNorm num_features={bn.num_features}"
+    features = _num_features(bn)
+    if features != out_channels and not (isinstance(layer, nn.Linear) and features == 1):
+        return "channel mismatch", f"{out_channels} outputs vs BatchNorm num_features={features}"
     if layer._forward_hooks or bn._forward_hooks or bn._forward_pre_hooks:
         return "hooks", (f"a forward hook on '{producer.target}' would see the BatchNorm output, and hooks "
                          f"on '{bn_node.target}' would be lost")
@@ -246,6 +316,35 @@ def _why_not_foldable(bn_node: fx.Node, modules: dict[str, nn.Module]) -> tuple[
         return "output has other users", (f"the output of '{producer.target}' is also used by {other_users}; "
                                           "folding would change what they see")
     return None
+
+
+def _overriding_subclass(node: fx.Node) -> tuple[str, type, type] | None:
+    """``(path, class, torch parent)`` if ``node`` was traced inside a conv / linear / BatchNorm
+    subclass that overrides ``forward`` (read from ``node.meta["nn_module_stack"]``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in reversed([v for v in stack.values() if isinstance(v, tuple) and len(v) == 2]):
+        if isinstance(cls, type) and (issubclass(cls, tuple(FOLDABLE_PAIRS)) or is_batchnorm_type(cls)):
+            if stock_forward_base(cls) is None:
+                parent = next((c for c in cls.__mro__[1:] if stock_forward_base(c) is c), cls.__mro__[1])
+                return str(path), cls, parent
+    return None
+
+
+def is_batchnorm_type(cls: type) -> bool:
+    return issubclass(cls, nn.modules.batchnorm._BatchNorm) or (
+        FROZEN_BATCHNORM is not None and issubclass(cls, FROZEN_BATCHNORM))
+
+
+def _overriding_subclasses(gm: fx.GraphModule) -> list[str]:
+    """One line per conv / linear / BatchNorm subclass instance the tracer went into (it overrides forward)."""
+    found: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        hit = _overriding_subclass(n)
+        if hit is not None and hit[0] not in found:
+            path, cls, parent = hit
+            found[path] = (f"'{path}' ({cls.__name__}): subclasses {parent.__name__} but overrides forward, so it "
+                           f"may compute something else; left as traced, never folded as a {parent.__name__}")
+    return list(found.values())
 
 
 def _linear_output_not_2d(bn_node: fx.Node) -> bool:
@@ -269,7 +368,7 @@ def _plan(gm: fx.GraphModule, modules: dict[str, nn.Module], report: FusionRepor
     """Group foldable candidates by layer module (``id``); record the rest in ``report.skipped``."""
     by_layer: dict[int, list[_Candidate]] = defaultdict(list)
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not isinstance(modules[n.target], nn.modules.batchnorm._BatchNorm):
+        if n.op != "call_module" or not is_batchnorm(modules[n.target]):
             continue
         report.batchnorm_calls_before += 1
         why_not = _why_not_foldable(n, modules)
@@ -333,21 +432,99 @@ def _why_not_unread(layer: nn.Module, bn: nn.Module, layer_name: str, bn_name: s
     return None
 
 
-def _fold(layer: nn.Module, bn: nn.Module) -> nn.Module:
+def _fold(layer: nn.Module, bn_after: nn.Module | None, bn_before: nn.Module | None = None) -> nn.Module:
+    """The layer with ``bn_before`` (input side) and ``bn_after`` (output side) folded in, rounded once."""
+    if bn_before is not None:
+        return fuse_bn_conv_eval(bn_before, layer, bn_after)
     if isinstance(layer, nn.Linear):
-        return fuse_linear_bn_eval(layer, bn)
+        return fuse_linear_bn_eval(layer, bn_after)
     transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-    return fuse_conv_bn_eval(layer, bn, transpose=transpose)
+    return fuse_conv_bn_eval(layer, bn_after, transpose=transpose)
+
+
+_CONV_DIM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+def _why_not_before(bn_node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | None, str | None]:
+    """``(conv node, None)`` if the BatchNorm at ``bn_node`` folds into the conv after it;
+    ``(conv node or None, reason)`` otherwise (``None`` conv: there is no conv after it)."""
+    users = list(bn_node.users)
+    convs = [u for u in users if u.op == "call_module" and _computes_as(modules[u.target]) in _CONV_DIM]
+    if not convs:
+        return None, None
+    conv_node = convs[0]
+    conv, bn = modules[conv_node.target], modules[bn_node.target]
+    if len(users) > 1:
+        return conv_node, f"its output also feeds {[u.name for u in users if u is not conv_node]}"
+    if len(bn_node.args) != 1 or bn_node.kwargs or len(conv_node.args) != 1 or conv_node.kwargs:
+        return conv_node, "a call has more arguments than its input"
+    bn_type = _computes_as(bn)
+    if not _is_foldable_bn_type(bn_type) or not _bn_pairs_with(_computes_as(conv), bn_type):
+        return conv_node, f"{type(bn).__name__} does not pair with {type(conv).__name__}"
+    why = why_not_bn_before_conv(bn, conv)
+    if why is not None:
+        return conv_node, why
+    if bn._forward_hooks or bn._forward_pre_hooks or conv._forward_hooks or conv._forward_pre_hooks:
+        return conv_node, "a hook on one of them would see different tensors"
+    return conv_node, None
+
+
+def _plan_before(gm: fx.GraphModule, modules: dict[str, nn.Module], report: FusionReport,
+                 sites: dict[int, list[fx.Node]], uses: _OtherUses
+                 ) -> dict[int, list[_Candidate]]:
+    """BatchNorms left by the conv-then-BN pass that fold into the conv *after* them.
+
+    Folded ones leave ``report.skipped``; for the others with a conv after them, the reason
+    that conv cannot absorb them is appended to the entry's detail.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    by_conv: dict[int, list[_Candidate]] = defaultdict(list)
+    why_not: dict[str, str] = {}
+    for entry in report.skipped:
+        bn_node = nodes[entry.node]
+        conv_node, reason = _why_not_before(bn_node, modules)
+        if conv_node is None:
+            continue
+        if reason is not None:
+            why_not[entry.node] = f"{conv_node.target} after it cannot absorb it: {reason}"
+            continue
+        by_conv[id(modules[conv_node.target])].append(_Candidate(conv_node, bn_node))
+    planned: dict[int, list[_Candidate]] = {}
+    for conv_id, candidates in by_conv.items():
+        conv_name, bn_name = candidates[0].layer_node.target, candidates[0].bn_node.target
+        bns = {id(modules[c.bn_node.target]) for c in candidates}
+        folded = {c.layer_node for c in candidates}
+        others = [site.name for site in sites[conv_id] if site not in folded]
+        if len(bns) > 1 or others:
+            reason = (f"'{conv_name}' is also called at {others} without this BatchNorm before it" if others
+                      else f"'{conv_name}' is called after different BatchNorms")
+        else:
+            unread = _why_not_unread(modules[conv_name], modules[bn_name], conv_name, bn_name, uses)
+            reason = None if unread is None else unread[1]
+        if reason is None:
+            planned[conv_id] = candidates
+        else:
+            for c in candidates:
+                why_not[c.bn_node.name] = f"{conv_name} after it cannot absorb it: {reason}"
+    folded_nodes = {c.bn_node.name for cs in planned.values() for c in cs}
+    report.skipped = [s for s in report.skipped if s.node not in folded_nodes]
+    for s in report.skipped:
+        if s.node in why_not:
+            s.detail = f"{s.detail}; {why_not[s.node]}"
+    return planned
 
 
 def fuse_conv_bn(model: nn.Module, inplace: bool = False, *,
                  example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
                  **trace_kwargs: Any) -> fx.GraphModule:
-    """Trace ``model`` and fold every safe Conv/ConvTranspose/Linear -> BatchNorm pair.
+    """Trace ``model`` and fold every safe Conv/ConvTranspose/Linear <-> BatchNorm pair.
 
     Returns a ``torch.fx.GraphModule`` computing the same function in eval mode, with the
     report in ``gm.fusion_report`` (:class:`FusionReport`). Pairs:
-    Conv{1,2,3}d / ConvTranspose{1,2,3}d -> BatchNorm{1,2,3}d and Linear -> BatchNorm1d.
+    Conv{1,2,3}d / ConvTranspose{1,2,3}d -> BatchNorm{1,2,3}d and Linear -> BatchNorm1d
+    (FrozenBatchNorm2d where BatchNorm2d is; subclasses that keep their parent's forward as
+    their parent); then BatchNorm{1,2,3}d -> Conv{1,2,3}d with ``padding=0`` (BN before the
+    conv; see the module docstring).
 
     ``inplace=False`` (default) deep-copies ``model`` first, so the caller's model is never
     touched. ``inplace=True`` skips the copy: a GraphModule is rewritten in place; another
@@ -371,11 +548,12 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, *,
         propagate_shapes(gm, example_inputs)
     modules = modules_by_name(gm)  # every name, aliases included
     report = FusionReport(name)
+    report.overridden = _overriding_subclasses(gm)
     sites = _call_sites(gm.graph, modules)
     uses = _other_uses(gm, modules)
 
-    # 1. decide and compute every folded module before touching the graph
-    planned: list[tuple[list[str], nn.Module, list[_Candidate]]] = []
+    # 1. decide every fold before touching the graph: BN after a layer, then BN before a conv
+    after: dict[int, list[_Candidate]] = {}
     for layer_id, candidates in _plan(gm, modules, report).items():
         layer_name, bn_name = candidates[0].layer_node.target, candidates[0].bn_node.target
         layer, bn = modules[layer_name], modules[bn_name]
@@ -385,19 +563,38 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, *,
             report.skipped.extend(SkippedBatchNorm(c.bn_node.target, c.bn_node.name, *why_not,
                                                    layer=c.layer_node.target) for c in candidates)
             continue
-        fused = _fold(layer, bn)
-        names = list(dict.fromkeys(c.layer_node.target for c in candidates))
-        planned.append((names, fused, candidates))
+        after[layer_id] = candidates
         report.fused.append(FusedPair(layer_name, bn_name, f"{type(layer).__name__}+{type(bn).__name__}",
                                       len(candidates)))
+    before = _plan_before(gm, modules, report, sites, uses)
+    for candidates in before.values():
+        conv_name, bn_name = candidates[0].layer_node.target, candidates[0].bn_node.target
+        report.fused.append(FusedPair(conv_name, bn_name,
+                                      f"{type(modules[bn_name]).__name__}+{type(modules[conv_name]).__name__}",
+                                      len(candidates), direction="before"))
 
-    # 2. rewrite: the layer (under each name it is called by) holds the folded weights,
+    # 2. compute every folded layer (one per layer module, both sides at once)
+    planned: list[tuple[list[str], nn.Module]] = []
+    for layer_id in dict.fromkeys([*after, *before]):
+        some = (after.get(layer_id) or before[layer_id])[0].layer_node.target
+        bn_after = modules[after[layer_id][0].bn_node.target] if layer_id in after else None
+        bn_before = modules[before[layer_id][0].bn_node.target] if layer_id in before else None
+        fused = _fold(modules[some], bn_after, bn_before)
+        names = [s.target for s in sites[layer_id]]
+        planned.append((list(dict.fromkeys(names)), fused))
+
+    # 3. rewrite: the layer (under each name it is called by) holds the folded weights,
     #    the BatchNorm nodes disappear
-    for names, fused, candidates in planned:
+    for names, fused in planned:
         for layer_name in names:
             set_submodule(gm, layer_name, fused)
+    for candidates in after.values():
         for c in candidates:
             c.bn_node.replace_all_uses_with(c.layer_node)
+            gm.graph.erase_node(c.bn_node)
+    for candidates in before.values():
+        for c in candidates:
+            c.bn_node.replace_all_uses_with(c.bn_node.args[0])
             gm.graph.erase_node(c.bn_node)
     gm.graph.lint()
     gm.delete_all_unused_submodules()

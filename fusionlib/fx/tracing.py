@@ -12,6 +12,15 @@ The three ways out are
 * a *leaf function*: ``wrap("name")`` at the top level of the module that calls it, or
   :func:`global_wrap` around the trace for code you cannot edit.
 
+Leaf rule for the layers fusion folds. torch's tracer keeps a module whole only if its
+class lives in ``torch.nn``: a user's ``class MyConv(nn.Conv2d)`` (or torchvision's
+``Conv3DSimple``) is traced *through*, and the conv becomes an anonymous
+``call_function conv3d`` that no pass can fold. Here a subclass of a torch conv, linear or
+BatchNorm class whose ``forward`` (and, for convs, ``_conv_forward``) is still its parent's
+stays a leaf, as does torchvision's ``FrozenBatchNorm2d`` (:func:`stock_forward_base`).
+A subclass that overrides ``forward`` is traced through as before: it computes something
+else, and is never treated as its parent.
+
 :func:`symbolic_trace` turns torch's errors into a :class:`FxTraceError` that says where
 tracing stopped (module path and source line) and which of these to try.
 """
@@ -34,6 +43,7 @@ import torch.fx as fx
 from torch import nn
 
 from fusionlib.display import format_table
+from fusionlib.folding import frozen_batchnorm_class, stock_forward_base  # the leaf rule; re-exported
 from fusionlib.modules import require_eval_mode, set_submodule  # re-exported: fusionlib.fx.tracing.* still works
 
 #: Re-export: ``wrap("fn")`` at a module's top level makes ``fn`` a leaf for every trace.
@@ -52,6 +62,8 @@ __all__ = [
     "propagate_shapes",
     "set_submodule",
     "require_eval_mode",
+    "stock_forward_base",
+    "frozen_batchnorm_class",
 ]
 
 
@@ -71,6 +83,8 @@ class FxTraceError(fx.proxy.TraceError):
         self.location = location
         self.cause = cause
 
+
+# --------------------------------------------------------------------------- leaf rule
 
 # --------------------------------------------------------------------------- tracing
 
@@ -92,6 +106,8 @@ def _locating_tracer_class(base: type[fx.Tracer]) -> type[fx.Tracer]:
 
         def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
             if _module_type_matches(m, module_qualified_name, self.extra_leaves):
+                return True
+            if stock_forward_base(type(m)) is not None:  # the leaf rule (module docstring)
                 return True
             return super().is_leaf_module(m, module_qualified_name)
 

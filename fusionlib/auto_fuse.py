@@ -1,0 +1,580 @@
+r"""Conv -> BatchNorm (-> ReLU) fusion for models torch.fx cannot trace (notebook 14).
+
+Detection models (``fasterrcnn_*``) iterate over lists of images and branch on
+their sizes, so ``torch.fx`` stops with "Proxy object cannot be iterated", and
+the only route left is :func:`fusionlib.fusion.fuse_modules` with name lists
+written by hand. :func:`auto_fuse` writes the lists from one *real* forward
+pass on example inputs:
+
+1. **Record the dataflow.** A forward pre-hook and a forward hook on every
+   module record which tensors each module call reads and returns; a
+   ``TorchFunctionMode`` sees every torch function and tensor method, so it
+   also catches the functional uses that hooks miss (``y = conv(x);
+   z = bn(y) + y``, a reader of ``conv.weight``). Each use is stamped with the
+   module calls running at that moment.
+2. **Pick the groups.** A BatchNorm (or FrozenBatchNorm2d) call whose input is
+   the output of a conv / linear call is a candidate ``[conv, bn]`` when that
+   output has no consumer other than the BatchNorm (uses inside the
+   BatchNorm's own call are its own), both modules ran once and have one name,
+   carry no hooks, and nothing outside their calls read their parameters or
+   buffers. ``[conv, bn, relu]`` when the BatchNorm output likewise goes only
+   to an ``nn.ReLU``. Folding is the usual ``W' = W·γ/√(σ²+ε)``,
+   ``b' = (b−μ)·γ/√(σ²+ε) + β`` (:mod:`fusionlib.folding`).
+3. **Fuse and verify.** :func:`~fusionlib.fusion.fuse_modules` fuses every
+   group; the fused model runs on the same inputs and its outputs are compared
+   with the original ones (:func:`fusionlib.verify.compare_outputs`). If they
+   differ, each group is tried alone, the ones that change the outputs are
+   undone and reported, and the rest is verified again. The check runs on a
+   float64 copy of both models: there the fold is exact to ~1e-16, so an
+   output that is discontinuous in its inputs (a detector's NMS, top-k and
+   score threshold) cannot flip on rounding, while a wrong fold still shows.
+   The float32 rounding of the folded weights is the usual half-ulp of
+   :mod:`fusionlib.folding`; ``report.as_run`` compares the returned model as
+   it runs, for information.
+
+What this does *not* prove: the recorded dataflow is **one control-flow path**,
+the one these example inputs took; verification covers **these inputs only**.
+A branch the inputs did not take may read a conv's output elsewhere. BatchNorms
+that did not run are reported as "not called". torch considered and rejected
+such a helper (pytorch PR 51557) because dataflow seen on one run is unsound
+without a check; the verification step is what makes it safe to offer here,
+and the report states its limits.
+
+Refused: a model with modules in training mode (BatchNorm would normalize
+with batch statistics and dropout is random, while folding uses the running
+statistics), and a model whose two runs on the same inputs differ (nothing
+could be verified). Every intermediate tensor of the recorded run is kept
+alive until the end of the recording: use small example inputs.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fusionlib.folding import FusionError, is_batchnorm, stock_forward_base
+from fusionlib.fusion import UnsupportedFusionError, fuse_modules, get_fuser_method
+from fusionlib.fx.fusion import FusedPair, FusionReport, SkippedBatchNorm
+from fusionlib.modules import set_submodule
+from fusionlib.verify import Comparison, compare_outputs
+
+__all__ = ["auto_fuse", "AutoFuseReport", "AutoFuseError", "record_dataflow"]
+
+
+class AutoFuseError(ValueError):
+    """:func:`auto_fuse` cannot work on this model / these inputs; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- recording
+
+@dataclass
+class _Call:
+    """One module call of the recorded forward."""
+
+    index: int
+    module: nn.Module
+    name: str
+    inputs: list[torch.Tensor]
+    start: int  #: event counter at the pre-hook
+    parents: tuple[int, ...] = ()  #: indices of the module calls this one runs inside
+    end: int = -1  #: event counter at the forward hook
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Use:
+    """A read of a tensor: by a module call (``callee``) or by a torch function (``what``)."""
+
+    seq: int
+    context: tuple[int, ...]  #: indices of the module calls running at that moment
+    callee: int | None = None
+    what: str = ""
+
+
+# Reading these tells nothing about a tensor's values: not a consumer.
+_METADATA = {"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
+             "__len__", "shape", "dtype", "device", "ndim", "is_contiguous", "stride", "element_size",
+             "requires_grad", "is_sparse", "layout", "data_ptr", "get_device", "is_cuda", "__format__"}
+
+
+def _function_name(func: Any) -> str:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # a property such as Tensor.shape
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name or repr(func)
+
+
+class Dataflow(TorchFunctionMode):
+    """The dataflow of one forward pass: module calls, and every use of every tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.calls: list[_Call] = []
+        self.uses: dict[int, list[_Use]] = defaultdict(list)
+        self.produced_by_call: dict[int, int] = {}
+        self.produced_by_function: dict[int, str] = {}
+        self.calls_of: dict[int, list[int]] = defaultdict(list)
+        self._stack: list[int] = []
+        self._seq = 0
+        self._alive: list[Any] = []  # keeps every recorded tensor alive, so ids stay unique
+        self._handles: list[Any] = []
+
+    # events ---------------------------------------------------------------
+    def _tick(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _use(self, tensor: torch.Tensor, **kwargs: Any) -> None:
+        self._alive.append(tensor)
+        self.uses[id(tensor)].append(_Use(self._tick(), tuple(self._stack), **kwargs))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+        kwargs = kwargs or {}
+        name = _function_name(func)
+        if name not in _METADATA:
+            for leaf in tree_flatten((args, kwargs))[0]:
+                if isinstance(leaf, torch.Tensor):
+                    self._use(leaf, what=name)
+        out = func(*args, **kwargs)
+        if name not in _METADATA:
+            for leaf in tree_flatten(out)[0]:
+                if isinstance(leaf, torch.Tensor) and id(leaf) not in self.produced_by_function:
+                    self._alive.append(leaf)
+                    self.produced_by_function[id(leaf)] = name
+        return out
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        index = len(self.calls)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            self._use(t, callee=index, what=type(module).__name__)
+        self.calls.append(_Call(index, module, self.names.get(id(module), "?"), tensors, self._tick(),
+                                tuple(self._stack)))
+        self.calls_of[id(module)].append(index)
+        self._stack.append(index)
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self._stack:
+            return
+        call = self.calls[self._stack.pop()]
+        call.end = self._tick()
+        call.outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        for t in call.outputs:
+            self._alive.append(t)
+            self.produced_by_call.setdefault(id(t), call.index)  # the innermost module that returned it
+        if module is self.model:  # the model's output is read by the caller: a use outside every call
+            for t in call.outputs:
+                self.uses[id(t)].append(_Use(self._tick(), (), None, "the model's output"))
+
+    # running --------------------------------------------------------------
+    def run(self, args: tuple[Any, ...]) -> Any:
+        for module in self.model.modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._hook, always_call=True))
+        try:
+            with torch.no_grad(), self:
+                return self.model(*args)
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._stack.clear()
+
+    # questions ------------------------------------------------------------
+    def other_consumers(self, tensor: torch.Tensor, consumer: _Call, after: int | None = None) -> list[str]:
+        """Uses of ``tensor`` other than the call ``consumer`` (and what runs inside it).
+
+        ``after``: uses later than this event are allowed (the tensor was changed in place
+        by ``consumer`` and is its output from then on).
+        """
+        others = []
+        for use in self.uses.get(id(tensor), []):
+            if use.callee == consumer.index or consumer.index in use.context:
+                continue
+            if after is not None and use.seq > after:
+                continue
+            if use.callee is not None and use.callee in consumer.parents:
+                continue  # handed to a container that passes it on to ``consumer``
+            if use.callee is not None:
+                others.append(f"'{self.calls[use.callee].name}' ({use.what})")
+            else:
+                inside = f" in '{self.calls[use.context[-1]].name}'" if use.context else ""
+                others.append(f"{use.what}{inside}")
+        return list(dict.fromkeys(others))
+
+    def outside_readers(self, module: nn.Module) -> list[str]:
+        """Uses of ``module``'s parameters / buffers outside its own calls."""
+        own = set(self.calls_of.get(id(module), []))
+        readers = []
+        for t in [*module.parameters(), *module.buffers()]:
+            for use in self.uses.get(id(t), []):
+                if not own.intersection(use.context):
+                    where = f" in '{self.calls[use.context[-1]].name}'" if use.context else ""
+                    readers.append(f"{use.what}{where}")
+        return list(dict.fromkeys(readers))
+
+
+def record_dataflow(model: nn.Module, example_inputs: Any) -> tuple[Dataflow, Any]:
+    """Run ``model`` once on ``example_inputs`` (see :func:`auto_fuse`) and return the dataflow and output."""
+    flow = Dataflow(model)
+    output = flow.run(_as_args(example_inputs))
+    return flow, output
+
+
+# --------------------------------------------------------------------------- the report
+
+@dataclass
+class AutoFuseReport(FusionReport):
+    """What :func:`auto_fuse` fused, what it left and why, and the verification.
+
+    ``fused``: one :class:`FusedPair` per folded BatchNorm (``kind`` names the group's
+    types); ``groups``: the name lists given to ``fuse_modules``; ``skipped``: every
+    BatchNorm left, with the reason; ``undone``: groups fused and then undone because they
+    changed the outputs (with the comparison); ``comparison``: original vs fused outputs on
+    the example inputs, in ``precision`` (float64 unless the model cannot run in it); ``as_run``: the
+    returned model vs the original in the model's own dtype (informational: a detector's discrete
+    outputs may flip on float32 rounding); ``seconds``: wall time of the whole call.
+    ``batchnorm_calls_before / after`` count BatchNorm *modules* (each ran once or is reported).
+    """
+
+    groups: list[list[str]] = field(default_factory=list)
+    undone: list[tuple[list[str], str]] = field(default_factory=list)
+    comparison: Comparison | None = None
+    precision: str = "float64"  #: the precision ``comparison`` was computed in
+    as_run: Comparison | None = None  #: the returned model vs the original, in the model's own dtype
+    seconds: float = 0.0
+    module_calls: int = 0
+
+    def format(self, max_lines: int = 8) -> str:
+        lines = [f"AutoFuseReport({self.model_name}): fused {self.num_fused} BatchNorm(s) in {len(self.groups)} "
+                 f"group(s); BatchNorm modules {self.batchnorm_calls_before} -> {self.batchnorm_calls_after}; "
+                 f"{self.seconds:.2f} s, {self.module_calls} module calls recorded"]
+        kinds: dict[str, int] = defaultdict(int)
+        for p in self.fused:
+            kinds[p.kind] += 1
+        if kinds:
+            lines.append("  fused: " + ", ".join(f"{n} x {k}" for k, n in kinds.items()))
+        for group in self.groups[:max_lines]:
+            lines.append(f"    {' + '.join(group)}")
+        if len(self.groups) > max_lines:
+            lines.append(f"    ... and {len(self.groups) - max_lines} more")
+        if self.skipped:
+            lines.append(f"  left unfused: {len(self.skipped)} (by reason: {self.reasons()})")
+            for s in self.skipped[:max_lines]:
+                pair = f"{s.layer} + {s.bn}" if s.layer else s.bn
+                lines.append(f"    {pair}: {s.reason}")
+            if len(self.skipped) > max_lines:
+                lines.append(f"    ... and {len(self.skipped) - max_lines} more")
+        for group, why in self.undone:
+            lines.append(f"  undone (changed the outputs): {' + '.join(group)}: {why}")
+        if self.comparison is not None:
+            lines.append(f"  verified in {self.precision} on the example inputs: {self.comparison}")
+        if self.as_run is not None:
+            worst = f", worst leaf {self.as_run.worst}" if self.as_run.worst else ""
+            lines.append(f"  the returned model as it runs (its own rounding; for information): max abs "
+                         f"{self.as_run.max_abs:.3g}, max rel {self.as_run.max_rel:.3g}{worst}")
+        lines.append("  note: the dataflow is the one control-flow path these inputs took; "
+                     "verification covers these inputs only")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checks
+
+def _as_args(example_inputs: Any) -> tuple[Any, ...]:
+    """A tuple is the positional arguments; anything else (a tensor, a list of images) is the one argument."""
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _check_inputs(model: nn.Module, args: tuple[Any, ...]) -> None:
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    try:
+        signature.bind(*args)
+    except TypeError as error:
+        raise AutoFuseError(
+            f"{type(model).__name__}.forward{signature} cannot run on the example inputs given "
+            f"({len(args)} positional argument(s)): {error}. auto_fuse runs the model once: pass a tuple with "
+            "one entry per argument the forward needs (a single tensor or list is taken as the only argument)."
+        ) from None
+
+
+def _check_eval_mode(model: nn.Module) -> None:
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if not training:
+        return
+    dropout = [name for name, m in model.named_modules()
+               if m.training and isinstance(m, nn.modules.dropout._DropoutNd)]
+    what = (f"its dropout ({', '.join(repr(n) for n in dropout[:3])}) is random in training mode, "
+            if dropout else "")
+    shown = ", ".join(repr(n) for n in training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
+    raise AutoFuseError(
+        f"auto_fuse refuses '{type(model).__name__}': it has modules in training mode ({shown}); "
+        f"{what}BatchNorm normalizes with batch statistics there, while folding uses the running "
+        "statistics, so the outputs could not be verified. Call model.eval() first."
+    )
+
+
+def _compare(reference: Any, candidate: Any, rtol: float, name: str) -> Comparison:
+    try:
+        return compare_outputs(reference, candidate, rtol=rtol, name=name)
+    except ValueError as error:  # the structure or a shape changed: as failed as it gets
+        return Comparison(float("inf"), float("inf"), rtol, False, f"{name} ({error})")
+
+
+# --------------------------------------------------------------------------- planning
+
+def _plan(flow: Dataflow, model: nn.Module, report: AutoFuseReport, hooked: set[int]) -> list[list[nn.Module]]:
+    names_of: dict[int, list[str]] = defaultdict(list)
+    for name, m in model.named_modules(remove_duplicate=False):
+        names_of[id(m)].append(name)
+    groups: list[list[nn.Module]] = []
+
+    def skip(bn_name: str, kind: str, detail: str, layer: str | None = None) -> None:
+        report.skipped.append(SkippedBatchNorm(bn_name, "", kind, detail, layer))
+
+    def why_not_single(module: nn.Module) -> str | None:
+        name = flow.names[id(module)]
+        if len(flow.calls_of[id(module)]) != 1:
+            return f"'{name}' ran {len(flow.calls_of[id(module)])} times in the recorded forward"
+        if len(names_of[id(module)]) != 1:
+            return f"'{name}' sits under several names {names_of[id(module)]}"
+        if id(module) in hooked:
+            return f"'{name}' carries hooks, which fusion would move or drop"
+        readers = flow.outside_readers(module)
+        if readers:
+            return f"its parameters / buffers are also read by {readers[:3]}, which would see folded values"
+        return None
+
+    for bn in [m for m in model.modules() if is_batchnorm(m)]:
+        bn_name = flow.names[id(bn)]
+        calls = flow.calls_of.get(id(bn), [])
+        if not calls:
+            skip(bn_name, "not called", "it did not run on these example inputs (another control-flow path)")
+            continue
+        bn_call = flow.calls[calls[0]]
+        if len(bn_call.inputs) != 1:
+            skip(bn_name, "extra arguments", "BatchNorm is called with more than its input")
+            continue
+        tensor = bn_call.inputs[0]
+        producer = flow.produced_by_call.get(id(tensor))
+        producer_call = flow.calls[producer] if producer is not None else None
+        if producer_call is None or producer_call.module is model:
+            source = flow.produced_by_function.get(id(tensor))
+            skip(bn_name, "no Conv/Linear before it",
+                 f"its input comes from torch function '{source}'" if source else "its input is a model input")
+            continue
+        layer = producer_call.module
+        layer_name = producer_call.name
+        try:
+            get_fuser_method((type(layer), type(bn)))
+        except UnsupportedFusionError:
+            base = next((t for t in (nn.modules.conv._ConvNd, nn.Linear) if isinstance(layer, t)), None)
+            if base is not None and stock_forward_base(type(layer)) is None:
+                skip(bn_name, "subclass", f"'{layer_name}' is a {type(layer).__name__}, a subclass of "
+                     f"{base.__name__} that overrides forward, so it may compute something else", layer_name)
+            else:
+                skip(bn_name, "no Conv/Linear before it",
+                     f"its input comes from '{layer_name}' ({type(layer).__name__})", layer_name)
+            continue
+        why = why_not_single(layer) or why_not_single(bn)
+        if why is not None:
+            skip(bn_name, "not exactly one use", why, layer_name)
+            continue
+        if isinstance(layer, nn.Linear) and tensor.dim() != 2:
+            skip(bn_name, "Linear output not 2-D",
+                 "BatchNorm1d normalizes dim 1, but Linear's features are the last dim", layer_name)
+            continue
+        others = flow.other_consumers(tensor, bn_call)
+        if others:
+            skip(bn_name, "output has other users", f"the output of '{layer_name}' is also used by {others[:3]}; "
+                 "folding would change what they see", layer_name)
+            continue
+        group = [layer, bn]
+        relu = _following_relu(flow, bn_call, why_not_single)
+        if relu is not None:
+            try:
+                get_fuser_method((type(layer), type(bn), type(relu)))
+                group.append(relu)
+            except UnsupportedFusionError:
+                pass
+        groups.append(group)
+    return groups
+
+
+def _following_relu(flow: Dataflow, bn_call: _Call, why_not_single: Any) -> nn.Module | None:
+    """The ``nn.ReLU`` whose call is the only consumer of the BatchNorm's output, if any."""
+    if len(bn_call.outputs) != 1:
+        return None
+    out = bn_call.outputs[0]
+    consumers = [u.callee for u in flow.uses.get(id(out), [])
+                 if u.callee is not None and bn_call.index not in u.context
+                 and type(flow.calls[u.callee].module) is nn.ReLU]
+    if not consumers:
+        return None
+    relu_call = flow.calls[consumers[0]]
+    if type(relu_call.module) is not nn.ReLU or len(relu_call.inputs) != 1 or relu_call.inputs[0] is not out:
+        return None
+    if why_not_single(relu_call.module) is not None:
+        return None
+    in_place = any(t is out for t in relu_call.outputs)  # ReLU(inplace=True) returns the same tensor
+    if flow.other_consumers(out, relu_call, after=relu_call.end if in_place else None):
+        return None
+    return relu_call.module
+
+
+# --------------------------------------------------------------------------- auto_fuse
+
+def auto_fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
+              rtol: float = 1e-4) -> tuple[nn.Module, AutoFuseReport]:
+    """Fuse the Conv -> BN (-> ReLU) chains of ``model`` found in one real forward pass.
+
+    ``example_inputs``: a tuple holds the positional arguments of ``model.forward``;
+    anything else (a tensor, a detection model's list of images) is its only argument.
+    Returns ``(fused model, report)`` (:class:`AutoFuseReport`). ``inplace=False``
+    (default) works on a deep copy and never touches ``model``; ``inplace=True`` fuses
+    ``model`` itself. ``rtol``: how far the fused outputs may move
+    (``max|a−b| / max|a|``, :func:`fusionlib.verify.compare_outputs`).
+
+    Steps, limits and refusals: see the module docstring. In short: the dataflow is the
+    one control-flow path these inputs took, and the verification covers these inputs
+    only. Raises :class:`AutoFuseError` for a model in training mode, a forward that needs
+    inputs it was not given or fails on them, and outputs that differ between two runs.
+    """
+    started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"auto_fuse expects an nn.Module, got {type(model).__name__}")
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be >= 0, got {rtol!r}")
+    args = _as_args(example_inputs)
+    _check_inputs(model, args)
+    _check_eval_mode(model)
+    work = model if inplace else copy.deepcopy(model)
+    name = type(model).__name__
+    hooked = {id(m) for m in work.modules()
+              if any(getattr(m, d, None) for d in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
+                                                     "_backward_pre_hooks"))}
+    try:
+        flow, reference = record_dataflow(work, args)
+    except Exception as error:
+        raise AutoFuseError(f"'{name}' failed on the example inputs: {type(error).__name__}: {error}") from error
+    with torch.no_grad():
+        again = work(*args)
+    repeat = _compare(reference, again, rtol, "two runs of the original model")
+    if not repeat.passed:
+        raise AutoFuseError(
+            f"auto_fuse refuses '{name}': two runs on the same inputs differ ({repeat}). The model is not "
+            "deterministic (dropout or random ops in its forward), so no fusion could be verified."
+        )
+
+    report = AutoFuseReport(name, module_calls=len(flow.calls))
+    report.batchnorm_calls_before = sum(1 for m in work.modules() if is_batchnorm(m))
+    groups = _plan(flow, work, report, hooked)
+    del flow  # let the recorded tensors go
+    names = [[_name_of(work, m) for m in group] for group in groups]
+    kinds = ["+".join(type(m).__name__ for m in group) for group in groups]
+
+    # Verify on a copy in float64, where the fold is exact to ~1e-16: outputs that are discontinuous in
+    # their inputs (a detector's NMS and top-k) cannot flip on rounding there, a wrong fold still shows.
+    checker, check_args, check_reference, report.precision = _verification_copy(work, args, reference)
+    entries: list[tuple[list[str], list[nn.Module], list[nn.Module], str]] = []
+    for group_names, kind in zip(names, kinds):
+        originals = [checker.get_submodule(n) for n in group_names]
+        try:  # fuse each group on its own, keeping both versions so any group can be undone
+            fuse_modules(checker, [group_names], inplace=True)
+        except FusionError as error:
+            report.skipped.append(SkippedBatchNorm(group_names[1], "", "fuse_modules refused", str(error),
+                                                   group_names[0]))
+            continue
+        entries.append((group_names, originals, [checker.get_submodule(n) for n in group_names], kind))
+
+    def apply(entry: tuple[list[str], list[nn.Module], list[nn.Module], str], fused: bool) -> None:
+        for n, original, new in zip(entry[0], entry[1], entry[2]):
+            set_submodule(checker, n, new if fused else original)
+
+    def check(label: str) -> Comparison:
+        with torch.no_grad():
+            try:
+                out = checker(*check_args)
+            except Exception as error:  # a fold the model cannot live with
+                return Comparison(float("inf"), float("inf"), rtol, False, f"{label} ({type(error).__name__}: {error})")
+        return _compare(check_reference, out, rtol, label)
+
+    comparison = check("fused vs original")
+    if not comparison.passed:  # find the groups responsible, undo them
+        for entry in entries:
+            apply(entry, False)
+        kept = []
+        for entry in entries:
+            apply(entry, True)
+            alone = check(" + ".join(entry[0]))
+            if alone.passed:
+                kept.append(entry)
+            else:
+                report.undone.append((entry[0], str(alone)))
+            apply(entry, False)
+        for entry in kept:
+            apply(entry, True)
+        comparison = check("fused vs original")
+        if not comparison.passed:  # groups fine alone but not together: add them one by one
+            for entry in kept:
+                apply(entry, False)
+            accepted = []
+            for entry in kept:
+                apply(entry, True)
+                together = check(" + ".join(entry[0]))
+                if together.passed:
+                    accepted.append(entry)
+                else:
+                    apply(entry, False)
+                    report.undone.append((entry[0], str(together)))
+            kept = accepted
+            comparison = check("fused vs original")
+        entries = kept
+        for group_names, _ in report.undone:
+            report.skipped.append(SkippedBatchNorm(group_names[1], "", "undone",
+                                                   "folding it changed the outputs on the example inputs",
+                                                   group_names[0]))
+    del checker
+    accepted_names = [entry[0] for entry in entries]
+    if accepted_names:
+        fuse_modules(work, accepted_names, inplace=True)
+    for group_names, _, _, kind in entries:
+        report.fused.append(FusedPair(group_names[0], group_names[1], kind))
+        report.groups.append(group_names)
+    report.comparison = comparison
+    with torch.no_grad():
+        report.as_run = _compare(reference, work(*args), rtol, "fused vs original, as run")
+    report.batchnorm_calls_after = sum(1 for m in work.modules() if is_batchnorm(m))
+    report.seconds = time.perf_counter() - started
+    return work, report
+
+
+def _verification_copy(model: nn.Module, args: tuple[Any, ...], reference: Any
+                       ) -> tuple[nn.Module, tuple[Any, ...], Any, str]:
+    """A float64 copy of the model with float64 inputs and its output; the model's own dtype if that fails."""
+    to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    if not any(p.device.type == "mps" for p in model.parameters()):
+        try:
+            model64 = copy.deepcopy(model).double()
+            args64 = tree_map(to64, args)
+            with torch.no_grad():
+                return model64, args64, model64(*args64), "float64"
+        except Exception:  # an op without float64 support: verify as the model runs
+            pass
+    return copy.deepcopy(model), args, reference, "the model's own dtype"
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
