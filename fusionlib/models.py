@@ -61,24 +61,43 @@ __all__ = [
 ]
 
 
-def resnet18(num_classes: int = 10, small_input: bool = True) -> ResNet:
+def _check_dropout(dropout: float) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def resnet18(num_classes: int = 10, small_input: bool = True, dropout: float = 0.0) -> ResNet:
     """torchvision's ResNet18, randomly initialized (``weights=None``).
 
     ``small_input`` is accepted for symmetry with :func:`mobilenet_v2` and
     changes nothing: torchvision's stem already brings a 32x32 input down to
     the 8x8 the digits carry (see the module docstring).
+
+    ``dropout > 0`` adds classifier dropout the way torchvision's MobileNetV2
+    has it: ``fc`` becomes ``Sequential(Dropout(dropout), Linear)`` (its weights
+    are then ``fc.1.weight`` / ``fc.1.bias``; notebook 12, R-Drop). The default
+    ``dropout=0.0`` builds torchvision's model unchanged (``fc`` a ``Linear``).
     """
-    return torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    _check_dropout(dropout)
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    if dropout > 0:
+        model.fc = nn.Sequential(nn.Dropout(p=float(dropout)), model.fc)
+    return model
 
 
-def mobilenet_v2(num_classes: int = 10, small_input: bool = True) -> MobileNetV2:
+def mobilenet_v2(num_classes: int = 10, small_input: bool = True, dropout: float | None = None) -> MobileNetV2:
     """torchvision's MobileNetV2, randomly initialized (``weights=None``).
 
     ``small_input=True``: the depthwise conv of ``features.7``
     (``features.7.conv.1.0``) gets stride 1 instead of 2, so a 32x32 input
     ends in a 2x2 feature map instead of 1x1. Module names are unchanged.
+    ``dropout``: the probability of the classifier's ``Dropout``
+    (``classifier.0``); ``None`` keeps torchvision's default, 0.2.
     """
-    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    if dropout is not None:
+        _check_dropout(dropout)
+    kwargs = {} if dropout is None else {"dropout": float(dropout)}
+    model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, **kwargs)
     if small_input:
         depthwise = model.features[7].conv[1][0]
         if not (isinstance(depthwise, nn.Conv2d) and depthwise.stride == (2, 2)):

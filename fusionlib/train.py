@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ def fit(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     label_smoothing: float = 0.0,
+    step: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``epochs`` epochs and return its history.
 
@@ -87,6 +88,11 @@ def fit(
     ``test_acc`` when ``test_loader`` is given. ``progress=False`` disables the
     tqdm bars (they use ``leave=False``, so a notebook keeps only the epoch bar).
     The model is left in train mode.
+
+    ``step(model, x, y) -> (loss, logits)``, when given, replaces the default
+    ``loss = cross_entropy(model(x), y)`` (e.g. :class:`fusionlib.rdrop.RDropStep`,
+    two dropout passes and a KL term); ``logits`` feed ``train_acc`` and
+    ``train_loss`` is then that step's loss.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -112,8 +118,11 @@ def fit(
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in progress_bar(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}", enabled=progress, leave=False):
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = loss_fn(logits, y)
+            if step is None:
+                logits = model(x)
+                loss = loss_fn(logits, y)
+            else:
+                loss, logits = step(model, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -83,6 +83,7 @@ def trained_model(
     test_fraction: float = 0.2,
     progress: bool = True,
     use_cache: bool = True,
+    dropout: float | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A model trained on the digits, from the disk cache when available.
 
@@ -99,6 +100,11 @@ def trained_model(
     (last epoch, in [0, 1]), ``train_seconds`` (of the run that trained it),
     ``epochs``, ``history`` (:func:`fit`'s rows), ``params``, ``key``,
     ``path`` and ``cached`` (True when loaded from disk).
+
+    ``dropout`` (``resnet18`` / ``mobilenet_v2`` only) is passed to the builder
+    (classifier dropout, see :func:`fusionlib.models.resnet18`); ``None`` builds
+    the default model and leaves it out of the cache key, so the keys of calls
+    without it are unchanged.
     """
     from fusionlib.data import digits_loaders
     from fusionlib.models import ALL_BUILDERS, build  # here, not at the top: fusionlib.models re-exports this module
@@ -119,12 +125,18 @@ def trained_model(
         "small_input": small_input,
         "test_fraction": test_fraction,
     }
+    build_kwargs: dict[str, Any] = {}
+    if dropout is not None:
+        if name not in ("resnet18", "mobilenet_v2"):
+            raise ValueError(f"dropout is an option of resnet18 and mobilenet_v2, not of {name!r}")
+        params["dropout"] = float(dropout)
+        build_kwargs["dropout"] = float(dropout)
     key = cache_key(params)
     path = cache_dir() / f"{name}-{key}.pt"
 
     def fresh_model() -> nn.Module:
         seed_everything(seed)  # same initial weights on every run
-        model = build(name, num_classes=10, small_input=small_input)
+        model = build(name, num_classes=10, small_input=small_input, **build_kwargs)
         if channels != 3:
             _set_input_channels(model, channels)
         return model

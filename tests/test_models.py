@@ -375,3 +375,46 @@ def test_trained_model_trains_and_caches_a_rep_model(monkeypatch, tmp_path):
     with torch.inference_mode():
         result = compare_outputs(again(x), reparameterize_model(again)(x), rtol=1e-5, name="trained rep_mobilenet_v2")
     assert result.passed, str(result)
+
+
+# ----------------------------------------------------------------------------- classifier dropout (notebook 12, R-Drop)
+def test_resnet18_dropout_option_and_unchanged_default():
+    default = models.resnet18()
+    assert isinstance(default.fc, nn.Linear)  # torchvision's model, names unchanged (checked above too)
+    with_dropout = models.build("resnet18", dropout=0.3)
+    assert isinstance(with_dropout.fc, nn.Sequential) and isinstance(with_dropout.fc[0], nn.Dropout)
+    assert with_dropout.fc[0].p == 0.3 and with_dropout.fc[1].in_features == 512
+    assert {k for k in with_dropout.state_dict()} - {k for k in default.state_dict()} == {"fc.1.weight", "fc.1.bias"}
+    x = torch.zeros(2, 3, 32, 32)
+    with torch.no_grad():
+        assert with_dropout.eval()(x).shape == (2, 10)
+    assert isinstance(models.resnet18(dropout=0.0).fc, nn.Linear)
+
+
+def test_mobilenet_v2_dropout_option_keeps_torchvisions_default():
+    assert models.mobilenet_v2().classifier[0].p == 0.2
+    assert models.build("mobilenet_v2", dropout=0.5).classifier[0].p == 0.5
+    assert models.mobilenet_v2(dropout=0.0).classifier[0].p == 0.0
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, "0.2", True])
+def test_bad_dropout_is_rejected(dropout):
+    for name in models.BUILDERS:
+        with pytest.raises(ValueError, match="dropout must be a probability in"):
+            models.build(name, dropout=dropout)
+
+
+def test_trained_model_dropout_keeps_the_cache_key_of_calls_without_it(monkeypatch):
+    from fusionlib import train, zoo
+
+    monkeypatch.setattr(train, "fit", lambda model, *args, **kwargs: [{"epoch": 1, "test_acc": 0.5}])
+    _, plain = zoo.trained_model("resnet18", epochs=1, progress=False, use_cache=False)
+    expected = {"name": "resnet18", "epochs": 1, "image_size": 32, "seed": 0, "batch_size": 64,
+                "lr": zoo.DEFAULT_LR["resnet18"], "momentum": 0.9, "weight_decay": 5e-4, "channels": 3,
+                "small_input": True, "test_fraction": 0.2}
+    assert plain["params"] == expected and plain["key"] == zoo.cache_key(expected)
+    model, dropped = zoo.trained_model("resnet18", epochs=1, progress=False, use_cache=False, dropout=0.25)
+    assert dropped["params"] == dict(expected, dropout=0.25) and dropped["key"] != plain["key"]
+    assert model.fc[0].p == 0.25
+    with pytest.raises(ValueError, match="dropout is an option of resnet18 and mobilenet_v2"):
+        zoo.trained_model("rep_resnet18", epochs=1, progress=False, use_cache=False, dropout=0.25)

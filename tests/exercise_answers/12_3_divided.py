@@ -1,0 +1,2 @@
+# expect: goes the wrong way
+alpha_batchmean = 0.5 / 32
