@@ -11,10 +11,11 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 # running as root, as in workshop containers.
 LAB_ENV   := JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))"
 LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root)
-# Notebooks run two at a time under `make test` (each notebook stays on one worker).
+# Tests run two at a time under `make test`: the cells of a notebook stay on one worker (conftest.py),
+# everything else (unit tests, each notebook's smoke run) spreads over both.
 # `make test JOBS=1` runs them one after another.
 JOBS ?= 2
-XDIST = $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadfile)
+XDIST = $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadgroup)
 
 .PHONY: setup check-env run test unit nbval browser lab lab-student student facilitator clean
 
@@ -31,7 +32,7 @@ check-env: $(STAMP)
 	@$(PY) -m fusionlib.env --check
 
 run: check-env
-	$(PY) -m fusionlib.experiments run $(NOTEBOOKS)
+	$(PY) -m fusionlib run $(NOTEBOOKS)
 
 # Unit tests and notebooks first; then JupyterLab in a browser, once the trained-model cache is warm.
 test: check-env

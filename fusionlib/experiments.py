@@ -9,17 +9,17 @@ scrapbook's ``glue`` does it), so any executed notebook can be read back with
 is stored as JSON ``null`` with a ``"nonfinite"`` tag (JSON has no NaN) and read
 back as the float it was.
 
-:func:`run_notebooks` executes notebooks with papermill into ``runs/<timestamp>/``
-and collects status, seconds and figures into ``summary.csv`` (every figure, one
-column each) and ``summary.md`` (every figure, one table per run); the printed
+:func:`run_notebooks` executes notebooks with papermill into ``runs/<timestamp>/<run>/``
+and collects status, seconds and figures into ``summary.csv`` (every parameter
+and figure, one column each) and ``summary.md`` (every figure, one table per run); the printed
 summary (:func:`format_summary`) fits 120 columns and shows the headline figures
 only (see :func:`headline_figures`). :func:`sweep` does the same for the
 cartesian product of parameter values.
 
-Command line (what ``make run`` calls)::
-
-    python -m fusionlib.experiments run notebooks/*.ipynb [-p seed=1]
-    python -m fusionlib.experiments sweep notebooks/03_fuse_modules.ipynb -p batch_size=1,8 -p seed=0,1
+Command line: ``fusionlib run | sweep | report`` (:mod:`fusionlib.cli`; what
+``make run`` calls); grids, parallel runs and reports are in :mod:`fusionlib.sweeps`.
+The older ``python -m fusionlib.experiments run | sweep NOTEBOOK -p name=v1,v2``
+still works and goes through the same code.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from fusionlib.display import format_table, progress
+from fusionlib.display import format_table
 
 MIMETYPE = "application/vnd.fusionlib.record+json"
 
@@ -169,31 +169,43 @@ class RunResult:
 
     notebook: str
     output: str
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed", "timeout", or "pending" (not run yet, or stopped mid-run)
     seconds: float
     parameters: dict[str, Any] = field(default_factory=dict)
     records: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
+    error: str = ""  # "<ename>: <evalue>"
+    ename: str = ""  # the exception's name, e.g. "RuntimeError" or "CellTimeoutError"
+    evalue: str = ""  # its message (one line)
+    run: str = ""  # the run's folder name in a sweep
 
 
-def _ipc_kernel_manager_class(socket_dir: str | Path):
+def _ipc_kernel_manager_class(socket_dir: str | Path, env: dict[str, str] | None = None):
     """A kernel manager whose kernels talk over local IPC sockets in ``socket_dir``, not TCP ports.
 
     Kernels started for a run live on this machine only; IPC opens no port and
     spares every run the kernel's "running over TCP without encryption" warning.
     The sockets live in ``socket_dir`` (an absolute path): by default they would
     be created in the kernel's working directory (the notebooks' folder), where
-    two concurrent runs race for the same ``kernel-ipc-N`` names.
+    two concurrent runs race for the same ``kernel-ipc-N`` names. The
+    connection file is there too, and ``env`` is added to the kernel's
+    environment only (safe when several runs share a process, as Dask threads do).
     """
     from jupyter_client.manager import AsyncKernelManager
 
     ip = os.path.join(os.path.abspath(socket_dir), "kernel-ipc")
+    extra_env = dict(env or {})
 
     class IpcKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.transport = "ipc"
             self.ip = ip
+            self.connection_file = os.path.join(os.path.abspath(socket_dir), "kernel.json")
+
+        async def _async_pre_start_kernel(self, **kw: Any):
+            if extra_env:
+                kw["env"] = {**(kw.get("env") or os.environ), **extra_env}
+            return await super()._async_pre_start_kernel(**kw)
 
     return IpcKernelManager
 
@@ -203,34 +215,84 @@ def run_notebook(
     output: str | Path,
     parameters: dict[str, Any] | None = None,
     kernel_name: str = "python3",
+    timeout: float | None = None,
+    log_output: bool = False,
+    on_cell_start: Any = None,
+    env: dict[str, str] | None = None,
 ) -> RunResult:
-    """Execute one notebook with papermill; never raises for a failing notebook."""
+    """Execute one notebook with papermill; never raises for a failing notebook.
+
+    ``timeout`` is papermill's ``execution_timeout`` (seconds one cell may run;
+    the run then ends with status ``"timeout"``). ``log_output`` sends the cells'
+    output to the ``papermill`` logger; ``on_cell_start(cell=, cell_index=)`` is
+    nbclient's hook; ``env`` adds environment variables for the kernel only.
+    A failed run keeps the notebook's exception as ``ename`` / ``evalue``.
+    """
     import papermill as pm
 
     notebook, output = Path(notebook), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     parameters = dict(parameters or {})
     start = time.perf_counter()
-    status, error = "ok", ""
+    status, ename, evalue = "ok", "", ""
     socket_dir = tempfile.mkdtemp(prefix="fusionlib-ipc-")  # private to this run; removed below
+    hooks = {"on_cell_start": on_cell_start} if on_cell_start is not None else {}
     try:
-        pm.execute_notebook(
+        _on_own_event_loop(lambda: pm.execute_notebook(
             str(notebook),
             str(output),
             parameters=parameters,
             kernel_name=kernel_name,
             cwd=str(notebook.parent),
             progress_bar=False,
-            kernel_manager_class=_ipc_kernel_manager_class(socket_dir),
-        )
-    except Exception as exc:  # papermill raises PapermillExecutionError and friends
-        status = "failed"
-        error = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            log_output=log_output,
+            execution_timeout=timeout,
+            kernel_manager_class=_ipc_kernel_manager_class(socket_dir, env),
+            **hooks,
+        ))
+    except Exception as exc:  # papermill raises PapermillExecutionError (ename / evalue) and friends
+        status, ename, evalue = _describe_failure(exc)
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     records = read_records(output) if output.exists() else {}
-    return RunResult(notebook.name, str(output), status, seconds, parameters, records, error)
+    error = f"{ename}: {evalue}" if status != "ok" else ""
+    return RunResult(notebook.name, str(output), status, seconds, parameters, records, error, ename, evalue)
+
+
+def _on_own_event_loop(fn: Any) -> Any:
+    """Call ``fn``; off the main thread, in a fresh ``contextvars`` context, closing the loop it made.
+
+    jupyter_core keeps its event loop in a context variable; threads that run
+    tasks in a copy of their submitter's context (Dask's workers do) would all
+    share the submitter's loop and fail with "This event loop is already running".
+    """
+    import contextvars
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    try:
+        return contextvars.Context().run(fn)
+    finally:
+        import asyncio
+
+        try:
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+        except Exception:  # no loop was set in this thread
+            loop = None
+        if loop is not None and not loop.is_running():
+            loop.close()
+            asyncio.set_event_loop(None)
+
+
+def _describe_failure(exc: BaseException) -> tuple[str, str, str]:
+    """(status, ename, evalue) of a failed run: ``timeout`` for a cell that ran past the timeout."""
+    if hasattr(exc, "ename"):  # PapermillExecutionError: the notebook's own exception
+        return "failed", str(exc.ename), str(exc.evalue).strip()
+    lines = str(exc).strip().splitlines()
+    status = "timeout" if isinstance(exc, TimeoutError) or type(exc).__name__ == "CellTimeoutError" else "failed"
+    return status, type(exc).__name__, (lines[0] if status == "timeout" and lines else lines[-1] if lines else "")
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -245,30 +307,25 @@ def new_run_dir(root: str | Path = "runs") -> Path:
     return path
 
 
-def _progress(items: Sequence, desc: str):
-    return progress(items, total=len(items), desc=desc, unit="nb")
-
-
 def run_notebooks(
     notebooks: Iterable[str | Path],
     parameters: dict[str, Any] | None = None,
     out_dir: str | Path | None = None,
+    workers: int = 1,
+    timeout: float | None = None,
 ) -> tuple[Path, list[RunResult]]:
-    """Run each notebook into ``out_dir`` (default: a new ``runs/<timestamp>/``).
+    """Run each notebook into its own folder under ``out_dir`` (default: a new ``runs/<timestamp>/``).
 
-    A failing notebook is recorded and the rest still run. Writes
-    ``summary.csv`` and ``summary.md`` beside the executed notebooks.
+    The parameters are checked against every notebook's ``parameters`` cell
+    first (:class:`fusionlib.sweeps.SweepError`). A failing notebook is recorded
+    and the rest still run. Writes ``summary.csv`` and ``summary.md``
+    (:func:`fusionlib.sweeps.run_sweep`, one run per notebook).
     """
-    notebooks = [Path(n) for n in notebooks]
+    from fusionlib import sweeps
+
+    runs = sweeps.plan_runs([Path(n) for n in notebooks], [dict(parameters or {})])
     out = Path(out_dir) if out_dir else new_run_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    bar = _progress(notebooks, "notebooks")
-    for nb in bar:
-        bar.set_postfix_str(nb.name)
-        results.append(run_notebook(nb, out / nb.name, parameters))
-    write_summary(results, out)
-    return out, results
+    return out, sweeps.run_sweep(runs, out, workers=workers, timeout=timeout)
 
 
 def sweep_grid(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -281,30 +338,32 @@ def sweep(
     notebook: str | Path,
     grid: dict[str, Sequence[Any]],
     out_dir: str | Path | None = None,
+    workers: int | None = None,
 ) -> tuple[Path, list[RunResult]]:
-    """Run ``notebook`` once per point of ``grid``; one summary table for all runs."""
-    notebook = Path(notebook)
+    """Run ``notebook`` once per point of ``grid``; one summary table for all runs (see :mod:`fusionlib.sweeps`)."""
+    from fusionlib import sweeps
+
+    runs = sweeps.plan_sweep({"notebooks": [str(Path(notebook).resolve())], "parameters": dict(grid)})
     out = Path(out_dir) if out_dir else new_run_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    points = sweep_grid(grid)
-    for params in _progress(points, f"sweep {notebook.stem}"):
-        tag = "__".join(f"{k}={v}" for k, v in params.items()) or "defaults"
-        results.append(run_notebook(notebook, out / f"{notebook.stem}__{tag}.ipynb", params))
-    write_summary(results, out)
-    return out, results
+    return out, sweeps.run_sweep(runs, out, workers=workers)
+
+
+def _csv_value(value: Any) -> Any:
+    """Lists and mappings as JSON (``["resnet18"]``), so the CSV reads back with a YAML or JSON parser."""
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
 
 
 def results_table(results: Sequence[RunResult]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows: notebook, status, seconds, each parameter, each recorded figure."""
+    """Header and rows: notebook, each parameter, status, seconds, error, each recorded figure."""
     param_keys = list(dict.fromkeys(k for r in results for k in r.parameters))
     record_keys = list(dict.fromkeys(k for r in results for k in r.records))
-    header = ["notebook", "status", "seconds", *param_keys, *record_keys]
+    header = ["notebook", *param_keys, "status", "seconds", "error", *record_keys]
     rows = []
     for r in results:
         rows.append(
-            [r.notebook, r.status, round(r.seconds, 1)]
-            + [r.parameters.get(k, "") for k in param_keys]
+            [r.notebook]
+            + [_csv_value(r.parameters.get(k, "")) for k in param_keys]
+            + [r.status, round(r.seconds, 1), r.error]
             + [r.records.get(k, "") for k in record_keys]
         )
     return header, rows
@@ -354,7 +413,9 @@ def _run_label(r: RunResult) -> str:
 
 
 def _status(r: RunResult) -> str:
-    return r.status if r.status == "ok" else f"FAILED ({r.error})"
+    if r.status in ("ok", "pending"):
+        return "ok" if r.status == "ok" else "not run"
+    return f"{'TIMED OUT' if r.status == 'timeout' else 'FAILED'} ({r.error})"
 
 
 def format_summary(results: Sequence[RunResult], width: int = SUMMARY_WIDTH) -> str:
@@ -397,11 +458,15 @@ def write_summary(results: Sequence[RunResult], out_dir: str | Path) -> None:
     """``summary.csv`` (one column per parameter and figure) and ``summary.md`` (:func:`format_full_summary`)."""
     out_dir = Path(out_dir)
     header, rows = results_table(results)
-    with open(out_dir / "summary.csv", "w", newline="") as f:
+    tmp = out_dir / f".summary.csv.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    (out_dir / "summary.md").write_text(format_full_summary(results))
+    os.replace(tmp, out_dir / "summary.csv")  # atomic: a reader never sees half a table
+    tmp = out_dir / f".summary.md.{os.getpid()}.tmp"
+    tmp.write_text(format_full_summary(results))
+    os.replace(tmp, out_dir / "summary.md")
 
 
 def load_summary(run_dir: str | Path) -> list[dict[str, str]]:
@@ -437,6 +502,13 @@ def parse_parameters(items: Sequence[str], sweep_lists: bool = False) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fusionlib.experiments``: the older command line, kept; ``fusionlib`` (:mod:`fusionlib.cli`) is the new one.
+
+    ``run`` is ``fusionlib run``; ``sweep NOTEBOOK -p name=v1,v2`` runs one notebook
+    over the product of comma-separated values.
+    """
+    from fusionlib import cli
+
     parser = argparse.ArgumentParser(prog="python -m fusionlib.experiments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="execute notebooks into runs/<timestamp>/ and print a summary")
@@ -448,23 +520,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_sweep.add_argument("-p", "--param", action="append", default=[], metavar="NAME=V1,V2,...")
     p_sweep.add_argument("-o", "--out", default=None)
     args = parser.parse_args(argv)
-
-    from fusionlib.env import format_environment
-
-    print(format_environment())
     if args.command == "run":
-        out, results = run_notebooks(args.notebooks, parse_parameters(args.param), args.out)
-    else:
-        out, results = sweep(args.notebook, parse_parameters(args.param, sweep_lists=True), args.out)
-    print()
-    print(format_summary(results))
-    print(f"\nexecuted notebooks and summary.csv / summary.md in {out}/")
-    failed = [r for r in results if r.status != "ok"]
-    if failed:
-        print(f"{len(failed)} of {len(results)} notebook run(s) FAILED: " + ", ".join(r.notebook for r in failed),
-              file=sys.stderr)
-        return 1
-    return 0
+        return cli.main(["run", *args.notebooks, *(arg for p in args.param for arg in ("-p", p))]
+                        + (["--out", args.out] if args.out else []))
+    try:
+        grid = parse_parameters(args.param, sweep_lists=True)
+        return cli.run_grid({"notebooks": [str(Path(args.notebook).resolve())], "parameters": grid}, out=args.out)
+    except ValueError as exc:  # fusionlib.sweeps.SweepError included
+        print(f"python -m fusionlib.experiments sweep: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

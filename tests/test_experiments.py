@@ -174,7 +174,9 @@ def test_summary_fits_120_columns_and_shows_headline_figures(tmp_path):
 
 
 def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
-    """A parameterized run records its figures; a failing notebook is reported, the rest still run."""
+    """A parameterized run records its figures; a failing notebook is reported, the rest still run.
+
+    ``python -m fusionlib.experiments`` (notebook 00 calls it) goes through ``fusionlib.cli``."""
     good = _notebook(tmp_path / "good.ipynb", [
         "from fusionlib.experiments import record\nrecord('twice_x', 2 * x)",
         # where the kernel's IPC sockets are, and whether any landed in the notebook's folder
@@ -193,7 +195,10 @@ def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
     assert rows["good.ipynb"]["status"] == "ok" and rows["good.ipynb"]["twice_x"] == "6"
     assert rows["bad.ipynb"]["status"] == "failed"
     assert "RuntimeError" in (out / "summary.md").read_text()
-    records = ex.read_records(_strict_json((out / "good.ipynb").read_text()))  # standard JSON, NaN included
+    # one folder per run: parameters, executed notebook, log, status
+    assert sorted(p.name for p in (out / "good__x=3").iterdir()) == ["good.ipynb", "log.txt", "parameters.json",
+                                                                      "status.json"]
+    records = ex.read_records(_strict_json((out / "good__x=3" / "good.ipynb").read_text()))  # standard JSON, NaN
     assert records["twice_x"] == 6 and records["ipc_files_here"] == 0 and math.isnan(records["nan_x"])
     assert (records["speedup_x"], records["speedup_x_lo"], records["speedup_x_hi"]) == (1.5, 1.4, 1.6)
     assert "speedup_x_lo" in rows["good.ipynb"] and rows["good.ipynb"]["nan_x"] == "nan"
@@ -207,5 +212,5 @@ def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
         table = list(csv.DictReader(f))
     assert [(r["x"], r["twice_x"]) for r in table] == [("1", "2"), ("2", "4")]
     assert len({r["ipc_dir"] for r in table}) == 2  # one socket folder per run
-    executed = json.loads((sweep_out / "good__x=2.ipynb").read_text())
+    executed = json.loads((sweep_out / "good__x=2" / "good.ipynb").read_text())
     assert any("x = 2" in "".join(c["source"]) for c in executed["cells"])
