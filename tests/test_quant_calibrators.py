@@ -231,3 +231,15 @@ def test_histogram_compute_amax_bad_options(kwargs, pattern):
     cal.collect(torch.randn(100))
     with pytest.raises(ValueError, match=pattern):
         cal.compute_amax(**kwargs)
+
+
+def test_default_start_bin_scales_with_the_number_of_bins():
+    """With 256 bins, the default first candidate is bin 16: mse can pick an amax well below half the range."""
+    torch.manual_seed(0)
+    x = torch.randn(20000)
+    x[0] = 40.0  # one outlier stretches the range; at 4 bits the best amax clips it, far below half the range
+    coarse = HistogramCalibrator(num_bits=4, num_bins=256)
+    coarse.collect(x)
+    amax = float(coarse.compute_amax("mse"))
+    assert amax < 20.0, amax
+    assert float(coarse.compute_amax("mse", start_bin=16)) == amax

@@ -31,7 +31,9 @@ and ``reset()``.
     ``i`` minimizing ``KL(P ‖ Q) = Σ p log(p / q)``.
 
 Candidates start at ``start_bin`` and step by ``stride``, as in
-pytorch-quantization and TensorRT.
+pytorch-quantization and TensorRT. ``start_bin`` defaults to
+``num_bins // 16`` (128 of 2048, their default), so a coarser histogram can
+still choose an amax below half its range.
 """
 from __future__ import annotations
 
@@ -165,9 +167,14 @@ class HistogramCalibrator:
         return self.counts.numpy().copy(), self.bin_edges.numpy()
 
     def compute_amax(
-        self, method: str, *, percentile: float = 99.99, start_bin: int = 128, stride: int = 1
+        self, method: str, *, percentile: float = 99.99, start_bin: int | None = None, stride: int = 1
     ) -> torch.Tensor:
-        """amax (a 0-d float32 tensor) by ``"percentile"``, ``"mse"`` or ``"entropy"`` (module docstring)."""
+        """amax (a 0-d float32 tensor) by ``"percentile"``, ``"mse"`` or ``"entropy"`` (module docstring).
+
+        ``start_bin``: the first candidate bin for ``"mse"`` / ``"entropy"``; None means ``num_bins // 16``.
+        """
+        if start_bin is None:
+            start_bin = max(1, self.num_bins // 16)
         if method not in HISTOGRAM_METHODS:
             raise ValueError(f"method must be one of {HISTOGRAM_METHODS}, got {method!r}")
         counts, edges = self._require_data()

@@ -237,7 +237,7 @@ def calibrate(
     (a DataLoader); the first ``num_batches`` are used (all when None).
     ``method``: ``"max"``, or ``"percentile"`` / ``"mse"`` / ``"entropy"``
     for the activation quantizers (``kwargs``: ``percentile=99.99``,
-    ``start_bin=128``, ``stride=1``; ``num_bins`` sizes their histograms).
+    ``start_bin=num_bins // 16``, ``stride=1``; ``num_bins`` sizes their histograms).
     Returns ``{quantizer name: amax}`` for the quantizers calibrated. On any
     error (bad arguments, empty ``batches``, a quantizer without data, an
     exception in ``forward``) no amax changes and every switch is restored.
