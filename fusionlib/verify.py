@@ -1,4 +1,4 @@
-"""Comparing outputs: max absolute / relative error and a PASS/FAIL verdict.
+"""Comparing outputs: max absolute / relative error and a PASS/FAIL verdict; layer by layer (:func:`layer_report`).
 
 For a reference output ``a`` and a candidate ``b`` (same shape)::
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -183,3 +183,264 @@ def format_report(*comparisons: Comparison | Iterable[Comparison]) -> str:
 def report(*comparisons: Comparison | Iterable[Comparison]) -> None:
     """Print :func:`format_report` of the comparisons (lists of them are flattened)."""
     print(format_report(*comparisons))
+
+
+# --------------------------------------------------------------------------
+# Layer by layer: where error enters and whether it grows
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerError:
+    """One layer call compared: ``max_rel`` = max |a − b| / max |a|, ``cosine`` = ⟨a, b⟩ / (|a| |b|), in float64.
+
+    ``a`` is the reference activation, ``b`` the candidate's. ``finite`` is False when the candidate's
+    activation holds inf or NaN (``max_rel`` is then inf or NaN).
+    """
+
+    depth: int  #: position in the candidate's execution order (0 = first layer called)
+    name: str  #: the candidate's module name ("name [k]" for the k-th call of a module called more than once)
+    reference: str  #: the reference layer it is compared with (the same name unless mapped)
+    kind: str  #: the candidate module's type name
+    max_rel: float
+    cosine: float
+    finite: bool
+
+
+@dataclass
+class LayerReport:
+    """What :func:`layer_report` found: one :class:`LayerError` per matched layer call, in depth order."""
+
+    layers: list[LayerError]
+    reference_only: list[str]  #: reference layers no candidate layer reproduces (a folded BatchNorm)
+    candidate_only: list[str]  #: candidate layers with no reference counterpart
+    output: Comparison  #: the final outputs, as compare_outputs
+    mapped: dict[str, str]  #: candidate name -> reference name, where they differ
+    folded_into: dict[str, str] = field(default_factory=dict)  #: folded BatchNorm -> the layer that absorbed it
+
+    @property
+    def first_nonfinite(self) -> LayerError | None:
+        """The first layer whose candidate activation holds inf or NaN (fp16 overflow), or None."""
+        return next((layer for layer in self.layers if not layer.finite), None)
+
+    @property
+    def worst(self) -> LayerError | None:
+        """The layer with the largest max relative error (NaN counts as largest)."""
+        if not self.layers:
+            return None
+        return max(self.layers, key=lambda l: math.inf if math.isnan(l.max_rel) else l.max_rel)
+
+    def entry(self, threshold: float = 0.0) -> LayerError | None:
+        """The first layer whose max relative error exceeds ``threshold``: where error enters."""
+        return next((l for l in self.layers if not l.max_rel <= threshold), None)
+
+    def growth(self) -> float:
+        """Last layer's max relative error over the first non-zero one's (> 1: error grows with depth)."""
+        first = self.entry()
+        if first is None or not self.layers[-1].finite or not first.finite:
+            return math.nan if first is not None else 1.0
+        return self.layers[-1].max_rel / first.max_rel
+
+    def summary(self) -> str:
+        """One paragraph: where error enters, where it is largest, the output, the growth, inf/NaN."""
+        if not self.layers:
+            return "No layer of the candidate matched a reference layer."
+        bad = self.first_nonfinite
+        if bad is not None:
+            return (f"inf/NaN first appears at layer {bad.depth} '{bad.name}' ({bad.kind}); output max rel "
+                    f"{self.output.max_rel:.3g}. In fp16 this is overflow past 65504: use bf16, or scale that "
+                    "layer's input down.")
+        first, worst = self.entry(), self.worst
+        if first is None:
+            return (f"All {len(self.layers)} matched layer calls agree exactly; "
+                    f"output max rel {self.output.max_rel:.3g}.")
+        return (f"Error enters at layer {first.depth} '{first.name}' (max rel {first.max_rel:.3g}), is largest at "
+                f"layer {worst.depth} '{worst.name}' ({worst.max_rel:.3g}, cosine {worst.cosine:.6f}); the last "
+                f"layer's is {self.growth():.3g}x the first's; output max rel {self.output.max_rel:.3g}. "
+                f"{len(self.layers)} layer calls compared, {len(self.reference_only)} reference layer(s) without "
+                "a counterpart.")
+
+    def format(self, max_rows: int | None = 40, max_listed: int | None = 8) -> str:
+        """A table (depth, layer, compared with, type, max rel, cosine, finite), then the unmatched layers.
+
+        With more than ``max_rows`` layer calls, every k-th row is shown (plus the first, the worst, the
+        first non-finite and the last); at most ``max_listed`` unmatched layers are named (None: all).
+        """
+        rows = self.layers
+        if max_rows is not None and len(rows) > max_rows:
+            step = math.ceil(len(rows) / max_rows)
+            keep = {0, len(rows) - 1, *range(0, len(rows), step)}
+            for special in (self.worst, self.first_nonfinite):
+                if special is not None:
+                    keep.add(special.depth)
+            rows = [rows[i] for i in sorted(keep)]
+        table = format_table(
+            ["depth", "layer", "compared with", "type", "max rel", "cosine", "finite"],
+            [[l.depth, l.name, "" if l.reference == l.name.split(" [")[0] else l.reference, l.kind,
+              l.max_rel, l.cosine, "yes" if l.finite else "NO"] for l in rows],
+            floatfmt=("", "", "", "", ".2e", ".8f", ""))
+        lines = [table]
+        if len(rows) < len(self.layers):
+            lines.append(f"({len(rows)} of {len(self.layers)} layer calls shown)")
+        if self.reference_only:
+            lines.append(f"reference layers without a counterpart ({len(self.reference_only)}): " + _listing([
+                f"{name} (folded into {self.folded_into[name]})" if name in self.folded_into else name
+                for name in self.reference_only], max_listed))
+        if self.candidate_only:
+            lines.append(f"candidate layers without a counterpart ({len(self.candidate_only)}): "
+                         + _listing(self.candidate_only, max_listed))
+        lines.append(str(self.output))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def plot(self, axes: Any = None, label: str | None = None) -> Any:
+        """Max relative error and 1 − cosine against depth (log scale), on two axes (new ones if None).
+
+        Call again with the returned axes and another ``label`` to overlay a second report. inf / NaN
+        layers are marked with a red x at the top of the first panel.
+        """
+        import matplotlib.pyplot as plt
+
+        if axes is None:
+            _, axes = plt.subplots(1, 2, figsize=(9, 3))
+        depth = [l.depth for l in self.layers]
+        rel = [l.max_rel if l.finite and l.max_rel > 0 else math.nan for l in self.layers]
+        one_minus_cos = [max(1.0 - l.cosine, 1e-16) if l.finite else math.nan for l in self.layers]
+        axes[0].plot(depth, rel, marker=".", markersize=3, linewidth=1, label=label)
+        axes[1].plot(depth, one_minus_cos, marker=".", markersize=3, linewidth=1, label=label)
+        bad = [l.depth for l in self.layers if not l.finite]
+        if bad:
+            top = max([r for r in rel if not math.isnan(r)] or [1.0])
+            axes[0].plot(bad, [top] * len(bad), "rx", label="inf/NaN")
+        for ax, what in zip(axes, ["max relative error", "1 − cosine similarity"]):
+            ax.set_yscale("log")
+            ax.set_xlabel("depth (layer call)")
+            ax.set_ylabel(what)
+            if label is not None or bad:
+                ax.legend(fontsize=8)
+        return axes
+
+
+def _listing(names: list[str], limit: int | None) -> str:
+    if limit is None or len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... and {len(names) - limit} more"
+
+
+def _fold_mapping(candidate: nn.Module) -> dict[str, str]:
+    """``{layer: bn}`` for every pair a :func:`fusionlib.fx.fuse_conv_bn` model folded (its ``fusion_report``)."""
+    report = getattr(candidate, "fusion_report", None)
+    return {pair.layer: pair.bn for pair in getattr(report, "fused", [])}
+
+
+def _leaf_names(model: nn.Module) -> list[str]:
+    """Names of the modules without children, in module order."""
+    return [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    leaves = [leaf for _, leaf in _leaves(output) if isinstance(leaf, torch.Tensor)]
+    return leaves[0] if leaves else None
+
+
+def _activation_errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, bool]:
+    """``(max_rel, cosine, finite)`` of the candidate ``b`` against the reference ``a``, in float64."""
+    a64 = a.detach().to("cpu", torch.float64).reshape(-1)
+    b64 = b.detach().to("cpu", torch.float64).reshape(-1)
+    finite = bool(torch.isfinite(b64).all())
+    _, max_rel = _leaf_errors("", a64, b64)
+    if not finite:
+        return max_rel if max_rel == max_rel else math.nan, math.nan, False
+    norms = float(a64.norm() * b64.norm())
+    cosine = float(a64 @ b64) / norms if norms > 0 else (1.0 if float(a64.norm()) == float(b64.norm()) else 0.0)
+    return max_rel, cosine, True
+
+
+def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mapping: dict[str, str] | None = None,
+                 rtol: float = 1e-4) -> LayerReport:
+    """Run both models on ``inputs`` and compare every layer's activation, in the candidate's depth order.
+
+    Layers are the reference's leaf modules (no children). A candidate module is compared with the
+    reference layer of the same name, or with ``mapping[candidate_name]`` (a reference name) where a
+    transform renamed it. For a model folded by :func:`fusionlib.fx.fuse_conv_bn` the mapping comes from
+    its ``fusion_report``: a folded conv is compared with its BatchNorm's output, since that is what it now
+    computes. Nothing is guessed: reference layers that no candidate layer of the same name (or mapped
+    to them) reproduces, such as a folded BatchNorm, are listed in ``reference_only``; candidate leaves
+    with no counterpart in ``candidate_only``.
+    A module called several times (a shared ReLU) is compared call by call.
+
+    Per layer: max relative error (max |a − b| / max |a|) and cosine similarity, in float64; inf / NaN in
+    the candidate's activation is flagged (``first_nonfinite`` names the layer). Both models run in eval
+    mode under ``torch.inference_mode()``; hooks are removed and training flags restored afterwards.
+    ``inputs``: one tensor or a tuple of positional arguments. ``rtol`` is the output check's tolerance.
+    """
+    for label, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{label} must be an nn.Module, got {type(model).__name__}")
+    folds = _fold_mapping(candidate)
+    caller_mapping = dict(mapping or {})
+    mapping = {**folds, **caller_mapping}
+    ref_modules = dict(reference.named_modules())
+    cand_modules = dict(candidate.named_modules())
+    for cand_name, ref_name in mapping.items():
+        if ref_name not in ref_modules:
+            raise ValueError(f"mapping[{cand_name!r}] = {ref_name!r}: the reference has no module named {ref_name!r}")
+        if cand_name not in cand_modules:
+            raise ValueError(f"mapping has key {cand_name!r}: the candidate has no module named {cand_name!r}")
+    ref_layers = set(_leaf_names(reference)) | set(mapping.values())
+    targets = {name: mapping.get(name, name) for name in cand_modules
+               if name and mapping.get(name, name) in ref_layers}
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    saved: dict[str, list[torch.Tensor]] = {}
+    ran_reference: list[str] = []
+
+    def save(name: str):
+        def hook(module: nn.Module, _args: tuple, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None:
+                saved.setdefault(name, []).append(tensor.detach().clone())  # inplace ops later must not change it
+                if name not in ran_reference:
+                    ran_reference.append(name)
+        return hook
+
+    layers: list[LayerError] = []
+    calls: dict[str, int] = {}
+    ran_candidate: set[str] = set()
+
+    def compare(name: str):
+        def hook(module: nn.Module, _args: tuple, output: Any) -> None:
+            tensor = _first_tensor(output)
+            ran_candidate.add(name)
+            if tensor is None:
+                return
+            ref_name = targets[name]
+            k = calls.get(name, 0)
+            calls[name] = k + 1
+            ref_calls = saved.get(ref_name, [])
+            if k >= len(ref_calls) or ref_calls[k].shape != tensor.shape:
+                return
+            max_rel, cosine, finite = _activation_errors(ref_calls[k], tensor)
+            label = name if k == 0 else f"{name} [{k + 1}]"
+            layers.append(LayerError(len(layers), label, ref_name, type(module).__name__, max_rel, cosine, finite))
+        return hook
+
+    handles = [ref_modules[name].register_forward_hook(save(name)) for name in ref_layers]
+    handles += [cand_modules[name].register_forward_hook(compare(name)) for name in targets]
+    try:
+        with eval_mode(reference, candidate), torch.inference_mode():
+            expected = reference(*args)
+            actual = candidate(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # A reference layer without a counterpart: no candidate module of that name ran (a folded BatchNorm,
+    # whether or not a stale module of that name is left behind), and the caller mapped nothing to it.
+    # A folded BatchNorm is listed even though its folded conv is compared with its output.
+    mapped_by_caller = {targets[name] for name in caller_mapping if name in targets}
+    reference_only = [name for name in ran_reference if name not in ran_candidate and name not in mapped_by_caller]
+    candidate_only = [name for name in _leaf_names(candidate) if name not in targets]
+    output = compare_outputs(expected, actual, rtol=rtol, name="output")
+    mapped = {c: r for c, r in targets.items() if c != r}
+    folded_into = {bn: layer for layer, bn in folds.items() if layer in ran_candidate}
+    return LayerReport(layers, reference_only, candidate_only, output, mapped, folded_into)
