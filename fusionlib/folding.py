@@ -16,7 +16,8 @@ Write ``s = γ / √(σ² + ε)``, one scale per output channel. For a layer
 Precision: ``s`` and both products are computed in float64 and rounded to the
 layer's dtype once, at the end (float32 on devices without float64, e.g.
 Apple's MPS), so each folded fp32 / fp16 / bf16 value is within half an ulp of
-the exact fold of its inputs. torch computes in the weights' dtype and rounds
+the exact fold of its inputs (:func:`round_to_nearest`: torch's own float64 ->
+bf16 / fp16 conversion goes through float32 and rounds twice). torch computes in the weights' dtype and rounds
 three times. The folded weight keeps the layer weight's dtype and memory
 format (``channels_last`` stays ``channels_last``).
 
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from contextvars import ContextVar
 from typing import TypeVar
 
@@ -263,6 +265,24 @@ def _scale_output_channels(weight: torch.Tensor, scale: torch.Tensor, transpose:
     return (grouped * grouped_scale).reshape(weight.shape)
 
 
+def round_to_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded once, to the nearest ``dtype`` number (ties: the one torch picks).
+
+    torch converts float64 to bfloat16 / float16 through float32, which rounds twice: a value just past a
+    bf16 midpoint can land exactly on it in float32, then round the wrong way (off by one ulp, about once
+    in 2^16 values). This checks each result's two neighbours (``torch.nextafter``) and keeps the nearest.
+    """
+    y = x.to(dtype)
+    if dtype not in (torch.bfloat16, torch.float16) or x.dtype != torch.float64:
+        return y
+    x64 = x.detach()
+    for direction in (math.inf, -math.inf):
+        neighbour = torch.nextafter(y, torch.full_like(y, direction))
+        closer = (neighbour.double() - x64).abs() < (y.double() - x64).abs()
+        y = torch.where(closer, neighbour, y)
+    return y
+
+
 def _as_parameters(
     fused_w: torch.Tensor, fused_b: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[nn.Parameter, nn.Parameter]:
@@ -275,8 +295,8 @@ def _as_parameters(
     """
     like = weight if bias is None else bias
     with torch.no_grad():
-        rounded_w = torch.empty_like(weight.detach()).copy_(fused_w)
-        rounded_b = fused_b.to(like.dtype)
+        rounded_w = torch.empty_like(weight.detach()).copy_(round_to_nearest(fused_w, weight.dtype))
+        rounded_b = round_to_nearest(fused_b, like.dtype)
     return nn.Parameter(rounded_w, weight.requires_grad), nn.Parameter(rounded_b, like.requires_grad)
 
 

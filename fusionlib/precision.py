@@ -69,6 +69,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .folding import round_to_nearest
+
 __all__ = [
     "FloatFormat",
     "FORMATS",
@@ -199,24 +201,6 @@ def typical_relative_error(depth: int, dtype: torch.dtype) -> float:
     """√L · u: L layers with independent zero-mean rounding errors of size u, gain 1."""
     _check_count("depth", depth)
     return math.sqrt(depth) * unit_roundoff(dtype)
-
-
-def round_to_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` rounded once, to the nearest ``dtype`` number (ties: the one torch picks).
-
-    torch converts float64 to bfloat16 / float16 through float32, which rounds twice: a value just past a
-    bf16 midpoint can land exactly on it in float32, then round the wrong way (off by one ulp, about once
-    in 2^16 values). This checks each result's two neighbours (``torch.nextafter``) and keeps the nearest.
-    """
-    y = x.to(dtype)
-    if dtype not in REDUCED or x.dtype != torch.float64:
-        return y
-    x64 = x.detach()
-    for direction in (math.inf, -math.inf):
-        neighbour = torch.nextafter(y, torch.full_like(y, direction))
-        closer = (neighbour.double() - x64).abs() < (y.double() - x64).abs()
-        y = torch.where(closer, neighbour, y)
-    return y
 
 
 # --------------------------------------------------------------------------

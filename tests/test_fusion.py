@@ -338,6 +338,30 @@ def test_low_precision_weights_are_folded_in_float64_and_rounded_once(case, dtyp
     assert error <= 2 * torch.finfo(dtype).eps, error  # the output's own rounding and the weights', a few u
 
 
+
+def test_low_precision_fold_rounds_once_even_where_torchs_conversion_rounds_twice():
+    """bf16: every folded weight is the nearest bf16 to the float64 fold, exactly.
+
+    torch's float64 -> bf16 conversion goes through float32 and rounds twice, so
+    about one value in 2^16 lands one ulp off; on these 590k weights plain
+    ``.to(torch.bfloat16)`` of the exact fold misses somewhere (asserted, so
+    the check can fail), while the fold's ``round_to_nearest`` never does.
+    """
+    torch.manual_seed(5)
+    conv = nn.Conv2d(256, 256, 3, bias=False).to(torch.bfloat16).eval()
+    bn = nn.BatchNorm2d(256)
+    randomize_bn(bn, torch.Generator().manual_seed(6))
+    bn = bn.eval()
+    fused = fold(conv, bn)
+    exact_w, _ = exact_fold(conv, bn)
+    nearest = exact_w.double()
+    below = torch.nextafter(fused.weight, torch.full_like(fused.weight, -math.inf)).double()
+    above = torch.nextafter(fused.weight, torch.full_like(fused.weight, math.inf)).double()
+    error = (fused.weight.double() - nearest).abs()
+    assert bool(((below - nearest).abs() >= error).all() and ((above - nearest).abs() >= error).all())
+    assert int((exact_w.to(torch.bfloat16) != fused.weight).sum()) > 0
+
+
 CHANNELS_LAST_CASES = {
     # name: (layer, BN class, input shape without batch, memory format)
     "conv2d": (lambda: nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d, (6, 7, 7), torch.channels_last),
