@@ -60,6 +60,33 @@ GLOSSARY: tuple[Quantity, ...] = (
     Quantity("replaced_ops", "graph nodes rewritten by a replace_ops pass", "count"),
     Quantity("seconds", "wall-clock time of a library call (details say which)", "seconds"),
     Quantity("epochs", "training epochs", "count"),
+    Quantity("test_accuracy_std", "standard deviation over training seeds of the top-1 accuracy on the digits "
+             "test split (details name the variant and model)", "fraction in [0, 1]"),
+    Quantity("kl_divergence", "symmetric KL divergence (KL(P||Q) + KL(Q||P)) / 2 between two output distributions, "
+             "per sample (rdrop.symmetric_kl_per_sample; details say which two)", "nats"),
+    Quantity("seconds_epoch", "wall-clock seconds of one training epoch, evaluation excluded (train.fit's "
+             "history; details name the variant and model)", "seconds"),
+    Quantity("top1_agreement", "share of digits test images on which a transformed model (e.g. fake-quantized) "
+             "predicts the same class as the unoptimized model", "fraction in [0, 1]"),
+    Quantity("sqnr_db", "signal-to-quantization-noise ratio of a fake-quantized tensor, "
+             "10 log10(sum x^2 / sum (x - fq(x))^2) (details: the tensor, bits, per-tensor / per-channel, model)",
+             "dB"),
+    Quantity("quant_mse", "mean squared fake-quantization error, mean (x - fq(x))^2 (details: the tensor, bits, "
+             "how amax was chosen)", "squared units of x"),
+    Quantity("amax_fraction", "a chosen amax as a fraction of max |x| of the same data (details: how it was chosen, "
+             "bits, model)", "fraction"),
+    Quantity("accuracy_drop", "test accuracy of the float model minus that of a transformed one (e.g. PTQ-quantized; "
+             "details: how, bits, weights per channel / per tensor, model); positive: the transformed model is worse",
+             "fraction in [-1, 1]"),
+    Quantity("cosine_similarity", "cosine similarity <a, b> / (|a| |b|) of a transformed model's activations or outputs "
+             "against the unoptimized model's, in float64 (verify.layer_report; details: which layer or 'min' over "
+             "layers, the precision, model)", "dimensionless in [-1, 1]"),
+    Quantity("identical_fraction", "fraction of elements on which two implementations give bit-identical results "
+             "(details: which two, on what)", "fraction in [0, 1]"),
+    Quantity("grid_fraction", "share of weights that lie on a quantization grid, i.e. are integer multiples of "
+             "their channel's step amax / qmax (details: which weights, which grid, model)", "fraction in [0, 1]"),
+    Quantity("model_mb", "size on disk of a model's state dict written by torch.save (details: fp32 or int8, "
+             "model)", "10^6 bytes"),
 )
 
 _BY_PREFIX = sorted(GLOSSARY, key=lambda q: len(q.prefix), reverse=True)  # longest prefix wins
