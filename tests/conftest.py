@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusionlib import data
+
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
@@ -17,3 +19,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits_batch() -> torch.Tensor:
+    """Four digits test images, [4, 3, 32, 32]."""
+    return data.digits_tensors()[2][:4]
+
+
+@pytest.fixture(scope="module")
+def photo_batch() -> torch.Tensor:
+    """The two sample photos, center crops, [2, 3, 224, 224]."""
+    return data.sample_photos(crops_per_image=1)

@@ -443,16 +443,6 @@ def test_fine_tuned_lora_model_is_cached_by_its_parameters(tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------- course models
-@pytest.fixture(scope="module")
-def digits_batch():
-    return data.digits_tensors()[2][:4]
-
-
-@pytest.fixture(scope="module")
-def photo_batch():
-    return data.sample_photos(crops_per_image=1)  # [2, 3, 224, 224]
-
-
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
 def lora_models(request):
     """(name, plain model, adapted (unfused), adapted and fused, merged plain model)."""

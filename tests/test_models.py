@@ -9,19 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from fusionlib import data, models
+from fusionlib import models
 from fusionlib.verify import compare_outputs
 from batchnorm_stats import randomize_batchnorm
-
-
-@pytest.fixture(scope="module")
-def digits_batch():
-    return data.digits_tensors()[2][:4]
-
-
-@pytest.fixture(scope="module")
-def photo_batch():
-    return data.sample_photos(crops_per_image=1)  # china + flower, center crops, [2,3,224,224]
 
 
 # ----------------------------------------------------------------------------- builders

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionlib import anatomy, data, fx, models
+from fusionlib import anatomy, fx, models
 from fusionlib.fusion import fuse_modules
 from fusionlib.reparam import (
     RepBlock,
@@ -397,16 +397,6 @@ def test_reparameterize_model_after_fuse_model_folded_the_branches():
 
 
 # ----------------------------------------------------------------------------- course models
-@pytest.fixture(scope="module")
-def digits_batch():
-    return data.digits_tensors()[2][:4]
-
-
-@pytest.fixture(scope="module")
-def photo_batch():
-    return data.sample_photos(crops_per_image=1)  # [2, 3, 224, 224]
-
-
 @pytest.fixture(scope="module", params=["rep_resnet18", "rep_mobilenet_v2"])
 def rep_models(request):
     """(name, multi-branch eval model, deployed, deployed + fuse_model, deployed + fx.fuse_conv_bn, plain fused)."""
