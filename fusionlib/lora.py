@@ -67,7 +67,6 @@ import copy
 import difflib
 import math
 import time
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -635,7 +634,7 @@ def fine_tuned_lora_model(
     ``key``, ``path``, ``cached``.
     """
     from fusionlib.train import evaluate, seed_everything
-    from fusionlib.zoo import _save_atomically, cache_dir, cache_key, trained_model
+    from fusionlib.zoo import cache_dir, cache_key, load_cached, save_cached, trained_model
     from torch.utils.data import DataLoader, TensorDataset
 
     _check_rank(r)
@@ -650,16 +649,16 @@ def fine_tuned_lora_model(
     seed_everything(seed)  # the same initial A on every run
     model = inject_lora(base, dense_layer_names(base), r, alpha, dropout, inplace=True).eval()
     mark_only_lora_as_trainable(model)
-    if use_cache and path.exists():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            missing, unexpected = model.load_state_dict(entry["adapters"], strict=False)
-            if unexpected or any(k.endswith(("lora_A", "lora_B")) for k in missing):
-                raise KeyError(f"adapters do not fit the model (unexpected {unexpected[:3]})")
-            return model, dict(entry["metrics"], base_test_accuracy=base_metrics["test_accuracy"],
-                               cached=True, path=str(path))
-        except Exception as exc:  # a corrupt or stale file: fine-tune again and overwrite it
-            warnings.warn(f"Ignoring unreadable cache entry {path} ({exc.__class__.__name__}: {exc}); fine-tuning.")
+    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        missing, unexpected = model.load_state_dict(entry["adapters"], strict=False)
+        if unexpected or any(k.endswith(("lora_A", "lora_B")) for k in missing):
+            raise KeyError(f"adapters do not fit the model (unexpected {unexpected[:3]})")
+        return model, dict(entry["metrics"], base_test_accuracy=base_metrics["test_accuracy"],
+                           cached=True, path=str(path))
+
+    cached = load_cached(path, restore) if use_cache else None
+    if cached is not None:
+        return cached
     x_train, y_train, x_test, y_test = shifted_digits_tensors(shift, image_size, seed)
     if progress:
         print(f"Fine-tuning LoRA adapters (r={r}) of {name} on the '{shift}' digits for {epochs} epoch(s): not in "
@@ -670,6 +669,6 @@ def fine_tuned_lora_model(
     metrics = {"test_accuracy": accuracy, "train_seconds": time.perf_counter() - start, "history": history,
                "params": params, "key": key}
     if use_cache:
-        _save_atomically({"adapters": lora_state_dict(model), "metrics": metrics}, path)
+        save_cached({"adapters": lora_state_dict(model), "metrics": metrics}, path)
     return model, dict(metrics, base_test_accuracy=base_metrics["test_accuracy"], cached=False, path=str(path))
 

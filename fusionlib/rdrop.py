@@ -333,15 +333,14 @@ def trained_run(
         seed_everything(seed)
         return build(name, num_classes=10, small_input=True, dropout=float(dropout))
 
-    if use_cache and path.exists():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            model = fresh_model()
-            model.load_state_dict(entry["state_dict"])
-            return model.eval(), dict(entry["metrics"], cached=True, path=str(path))
-        except Exception as exc:  # a corrupt or stale file: retrain and overwrite it
-            import warnings
-            warnings.warn(f"Ignoring unreadable cache entry {path} ({exc.__class__.__name__}: {exc}); retraining.")
+    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        model = fresh_model()
+        model.load_state_dict(entry["state_dict"])
+        return model.eval(), dict(entry["metrics"], cached=True, path=str(path))
+
+    cached = zoo.load_cached(path, restore) if use_cache else None
+    if cached is not None:
+        return cached
 
     model = fresh_model()
     train_loader, test_loader = digits_loaders(batch_size=batch_size, image_size=image_size, seed=seed)
@@ -364,5 +363,5 @@ def trained_run(
     model.eval()
     if use_cache:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        zoo._save_atomically({"state_dict": state, "metrics": metrics}, path)
+        zoo.save_cached({"state_dict": state, "metrics": metrics}, path)
     return model, dict(metrics, cached=False, path=str(path))

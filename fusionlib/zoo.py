@@ -19,7 +19,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torchvision
@@ -28,7 +28,9 @@ from torchvision.models.resnet import ResNet
 
 from fusionlib.modules import set_submodule
 
-__all__ = ["CACHE_VERSION", "DEFAULT_LR", "cache_dir", "cache_key", "trained_model"]
+__all__ = ["CACHE_VERSION", "DEFAULT_LR", "cache_dir", "cache_key", "load_cached", "save_cached", "trained_model"]
+
+T = TypeVar("T")
 
 #: Bump when a builder, the data pipeline or the training recipe changes, so
 #: old cache entries are not served for the new recipe.
@@ -141,15 +143,14 @@ def trained_model(
             _set_input_channels(model, channels)
         return model
 
-    if use_cache and path.exists():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            model = fresh_model()
-            model.load_state_dict(entry["state_dict"])
-            metrics = dict(entry["metrics"], cached=True, path=str(path))
-            return model.eval(), metrics
-        except Exception as exc:  # a corrupt or stale file: retrain and overwrite it
-            warnings.warn(f"Ignoring unreadable cache entry {path} ({exc.__class__.__name__}: {exc}); retraining.")
+    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        model = fresh_model()
+        model.load_state_dict(entry["state_dict"])
+        return model.eval(), dict(entry["metrics"], cached=True, path=str(path))
+
+    cached = load_cached(path, restore) if use_cache else None
+    if cached is not None:
+        return cached
 
     model = fresh_model()
     if progress:
@@ -183,7 +184,7 @@ def trained_model(
     model.eval()
     if use_cache:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        _save_atomically({"state_dict": state, "metrics": metrics}, path)
+        save_cached({"state_dict": state, "metrics": metrics}, path)
     return model, dict(metrics, cached=False, path=str(path))
 
 
@@ -197,8 +198,24 @@ def _set_input_channels(model: nn.Module, channels: int) -> None:
     set_submodule(model, name, new)
 
 
-def _save_atomically(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
+def load_cached(path: Path, restore: Callable[[dict[str, Any]], T]) -> T | None:
+    """``restore(entry)`` for the cache file at ``path``, or None when there is none.
+
+    A corrupt or stale file (unreadable, or ``restore`` fails on it, e.g. a
+    state dict that no longer fits) warns and returns None, so the caller
+    computes the entry again and overwrites it with :func:`save_cached`.
+    """
+    if not path.exists():
+        return None
+    try:
+        return restore(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        warnings.warn(f"Ignoring unreadable cache entry {path} ({exc.__class__.__name__}: {exc}); computing it again.")
+        return None
+
+
+def save_cached(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path`` (atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
