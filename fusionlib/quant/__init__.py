@@ -9,6 +9,9 @@ r"""fusionlib.quant: a quantization toolkit rebuilt from NVIDIA's pytorch-quanti
 * :mod:`~fusionlib.quant.modules` — ``QuantConv2d``, ``QuantLinear``, ... (float subclasses with input / weight quantizers).
 * :mod:`~fusionlib.quant.patching` — ``initialize`` / ``deactivate`` / ``enable_quantization`` (monkey patching torch.nn).
 * :mod:`~fusionlib.quant.ptq` — ``calibrate``, ``layer_sensitivity``, ``quantize_model`` (post-training quantization).
+* :mod:`~fusionlib.quant.qat` — ``QATConvBn2d``, ``prepare_qat``, ``export_folded`` (quantization-aware training).
+* :mod:`~fusionlib.quant.int8` — ``convert_int8`` to torch's int8 CPU kernels; import it explicitly
+  (``from fusionlib.quant import int8``): it is the one module that imports ``torch.ao``.
 """
 from fusionlib.quant.calibrators import HISTOGRAM_METHODS, HistogramCalibrator, MaxCalibrator
 from fusionlib.quant.descriptor import (
@@ -72,6 +75,7 @@ from fusionlib.quant.ptq import (
     quantize_model,
     quantizers,
 )
+from fusionlib.quant.qat import QATConvBn2d, QATConv2d, QATLinear, QATReport, export_folded, freeze_bn_stats, prepare_qat
 
 __all__ = [
     # functional
@@ -135,4 +139,12 @@ __all__ = [
     "SensitivityReport",
     "layer_sensitivity",
     "quantize_model",
+    # quantization-aware training
+    "QATConvBn2d",
+    "QATConv2d",
+    "QATLinear",
+    "QATReport",
+    "prepare_qat",
+    "freeze_bn_stats",
+    "export_folded",
 ]
