@@ -11,11 +11,11 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 # running as root, as in workshop containers.
 LAB_ENV   := JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$(if $(JUPYTER_CONFIG_PATH),:$(JUPYTER_CONFIG_PATH))"
 LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root)
-# Tests run two at a time under `make test`: the cells of a notebook stay on one worker (conftest.py),
-# everything else (unit tests, each notebook's smoke run) spreads over both.
+# Tests run two at a time under `make test` (--dist loadscope): the cells of a notebook stay on one worker,
+# each test module and each notebook's smoke run (one class per notebook) is one unit of work.
 # `make test JOBS=1` runs them one after another.
 JOBS ?= 2
-XDIST = $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadgroup)
+XDIST = $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadscope)
 
 .PHONY: setup check-env run test unit nbval browser lab lab-student student facilitator clean
 
@@ -36,7 +36,7 @@ run: check-env
 
 # Unit tests and notebooks first; then JupyterLab in a browser, once the trained-model cache is warm.
 test: check-env
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(XDIST) \
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider $(XDIST) --durations=20 \
 		--ignore=tests/test_browser.py
 	$(PY) -m pytest tests/test_browser.py -p no:cacheprovider
 

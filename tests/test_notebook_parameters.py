@@ -43,8 +43,7 @@ def test_parameters_cell_parses_and_offers_the_common_knobs(notebook, caplog):
     assert not unknown, f"{notebook.stem}: smoke parameters {unknown} are not in its parameters cell"
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=IDS)
-def test_notebook_runs_with_non_default_parameters(notebook, tmp_path):
+def _runs_with_non_default_parameters(notebook: Path, tmp_path: Path) -> None:
     smoke = SMOKE[notebook.stem]
     result = run_notebook(notebook, tmp_path / notebook.name, parameters=smoke)
     assert result.status == "ok", f"{notebook.name} with {smoke} failed: {result.error} (see {result.output})"
@@ -56,3 +55,14 @@ def test_notebook_runs_with_non_default_parameters(notebook, tmp_path):
         others = [m for m in COURSE_MODELS if m not in chosen]
         stray = [name for name in result.records if any(name.endswith("_" + m) or f"_{m}_" in name for m in others)]
         assert not stray, f"{notebook.name} was run with {chosen} but recorded {stray}: a model name is hard-coded"
+
+
+# One test class per notebook: `make test` (pytest-xdist, --dist loadscope) schedules a class as one unit,
+# so the smoke runs spread over the workers instead of queueing on the one that takes this module.
+for _notebook in NOTEBOOKS:
+    _name = "TestSmoke_" + _notebook.stem
+    globals()[_name] = type(_name, (), {
+        "test_runs_with_non_default_parameters":
+            lambda self, tmp_path, _notebook=_notebook: _runs_with_non_default_parameters(_notebook, tmp_path),
+        "__doc__": f"{_notebook.name} under papermill with its smoke parameters.",
+    })
