@@ -23,6 +23,7 @@ from torch.nn.utils import fusion as torch_fusion
 
 from fusionlib import folding, fused_modules
 from fusionlib import fusion as F
+from model_fingerprint import assert_unchanged, fingerprint
 
 
 def max_rel(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -721,27 +722,6 @@ def test_hooks_on_absorbed_modules_warn_with_name_and_function():
 # --------------------------------------------------------------------------
 # Bad input: clear messages, nothing half-applied, caller's model untouched
 # --------------------------------------------------------------------------
-def fingerprint(model: nn.Module) -> dict:
-    return {
-        "repr": repr(model),
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modules": [(name, id(m), m.training) for name, m in model.named_modules()],
-        "hooks": [
-            (name, list(m._forward_pre_hooks.items()), list(m._forward_hooks.items()),
-             list(m._forward_pre_hooks_with_kwargs))
-            for name, m in model.named_modules()
-        ],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = fingerprint(model)
-    assert after["repr"] == before["repr"]
-    assert after["modules"] == before["modules"]
-    assert after["hooks"] == before["hooks"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 def hooked_net() -> Net:

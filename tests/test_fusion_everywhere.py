@@ -23,6 +23,7 @@ from fusionlib.fusion import auto_fuse, fuse_known_modules, fuse_modules
 from fusionlib.fx import count_batchnorm_nodes, fuse_conv_bn, max_relative_error, symbolic_trace
 from fusionlib.verify import compare_outputs
 from batchnorm_stats import randomize_batchnorm
+from model_fingerprint import assert_unchanged, fingerprint
 
 RTOL = 1e-4
 
@@ -49,25 +50,6 @@ def close(reference: nn.Module, candidate: nn.Module, *inputs: torch.Tensor) -> 
         err = max_relative_error(reference(*inputs), candidate(*inputs))
     assert err <= RTOL, f"max rel error {err:.3e} > {RTOL}"
     return err
-
-
-def fingerprint(model: nn.Module) -> dict:
-    return {
-        "repr": repr(model),
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modules": [(name, id(m), m.training) for name, m in model.named_modules()],
-        "hooks": [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = fingerprint(model)
-    assert after["repr"] == before["repr"]
-    assert after["modules"] == before["modules"]
-    assert after["hooks"] == before["hooks"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 class MyConv(nn.Conv2d):

@@ -24,27 +24,9 @@ from fusionlib.lora import (
 )
 from fusionlib.verify import compare_outputs
 from batchnorm_stats import randomize_batchnorm
+from model_fingerprint import assert_unchanged, fingerprint
 
 RTOL = 1e-5  # fused / merged vs unfused adapters, fp32, relative to the largest output
-
-
-def fingerprint(model: nn.Module) -> dict:
-    return {
-        "repr": repr(model),
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modules": [(name, id(m), m.training) for name, m in model.named_modules()],
-        "grad": [(name, p.requires_grad) for name, p in model.named_parameters()],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = fingerprint(model)
-    assert after["repr"] == before["repr"]
-    assert after["modules"] == before["modules"]
-    assert after["grad"] == before["grad"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:

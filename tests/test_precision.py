@@ -13,23 +13,10 @@ from fusionlib import data, fx, models
 from fusionlib import precision as P
 from fusionlib.verify import compare_outputs
 from batchnorm_stats import randomize_batchnorm
+from model_fingerprint import assert_unchanged, fingerprint
 
 BF16, FP16 = torch.bfloat16, torch.float16
 DEPTH = {"resnet18": 21, "mobilenet_v2": 53}  # Conv2d + Linear layers: each rounds its weights and its output
-
-
-def fingerprint(model: nn.Module) -> dict:
-    return {"repr": repr(model), "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "modules": [(n, id(m), m.training) for n, m in model.named_modules()],
-            "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]}
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = fingerprint(model)
-    assert after["repr"] == before["repr"] and after["modules"] == before["modules"]
-    assert after["hooks"] == before["hooks"]
-    for key, value in before["state"].items():
-        assert after["state"][key].dtype == value.dtype and torch.equal(after["state"][key], value), key
 
 
 # ----------------------------------------------------------------------------- the numbers

@@ -25,6 +25,7 @@ from fusionlib.quant import (
     quantize_model,
     quantizers,
 )
+from model_fingerprint import assert_unchanged, fingerprint
 
 
 def small_quant_model(seed: int = 0) -> nn.Sequential:
@@ -275,18 +276,6 @@ def float_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
-
-
-def fingerprint(model: nn.Module) -> dict:
-    return {"repr": repr(model), "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "modules": [(n, id(m), type(m), m.training) for n, m in model.named_modules()]}
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = fingerprint(model)
-    assert after["repr"] == before["repr"] and after["modules"] == before["modules"]
-    assert after["state"].keys() == before["state"].keys()
-    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
 
 
 def test_quantize_model_inplace_false_never_touches_the_callers_model():

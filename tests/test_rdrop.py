@@ -12,6 +12,7 @@ from torch import nn
 from fusionlib import data, models, rdrop
 from fusionlib.rdrop import RDropStep, compute_kl_loss, rdrop_forward, rdrop_loss
 from fusionlib.train import fit
+from model_fingerprint import assert_unchanged, fingerprint
 
 
 def reference_compute_kl_loss(p, q, pad_mask=None):
@@ -37,18 +38,6 @@ def symmetric_kl_by_formula(p_logits, q_logits, keep=None):
     lp, lq = F.log_softmax(p_logits.double(), -1), F.log_softmax(q_logits.double(), -1)
     rows = 0.5 * ((lp.exp() * (lp - lq)).sum(-1) + (lq.exp() * (lq - lp)).sum(-1))
     return rows[keep].sum() if keep is not None else rows.sum()
-
-
-def fingerprint(model: nn.Module) -> dict:
-    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
-            "modules": [(name, id(m), m.training) for name, m in model.named_modules()]}
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = fingerprint(model)
-    assert after["modules"] == before["modules"]
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 def mlp(p: float = 0.5) -> nn.Sequential:

@@ -22,25 +22,9 @@ from fusionlib.reparam import (
 )
 from fusionlib.verify import compare_outputs
 from batchnorm_stats import randomize_batchnorm
+from model_fingerprint import assert_unchanged, fingerprint
 
 RTOL = 1e-5  # deployed vs multi-branch (eval), fp32, relative to the largest output
-
-
-def fingerprint(model: nn.Module) -> dict:
-    return {
-        "repr": repr(model),
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modules": [(name, id(m), m.training) for name, m in model.named_modules()],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = fingerprint(model)
-    assert after["repr"] == before["repr"]
-    assert after["modules"] == before["modules"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(after["state"][key], value), key
 
 
 # ----------------------------------------------------------------------------- the algebra
