@@ -9,12 +9,11 @@ scrapbook's ``glue`` does it), so any executed notebook can be read back with
 is stored as JSON ``null`` with a ``"nonfinite"`` tag (JSON has no NaN) and read
 back as the float it was.
 
-:func:`run_notebooks` executes notebooks with papermill into ``runs/<timestamp>/<run>/``
-and collects status, seconds and figures into ``summary.csv`` (every parameter
-and figure, one column each) and ``summary.md`` (every figure, one table per run); the printed
-summary (:func:`format_summary`) fits 120 columns and shows the headline figures
-only (see :func:`headline_figures`). :func:`sweep` does the same for the
-cartesian product of parameter values.
+:func:`run_notebook` executes one notebook with papermill; :mod:`fusionlib.sweeps`
+runs many into ``runs/<timestamp>/<run>/`` and collects status, seconds and figures
+into ``summary.csv`` (every parameter and figure, one column each) and ``summary.md``
+(every figure, one table per run); the printed summary (:func:`format_summary`) fits
+120 columns and shows the headline figures only (see :func:`headline_figures`).
 
 Command line: ``fusionlib run | sweep | report`` (:mod:`fusionlib.cli`; what
 ``make run`` calls); grids, parallel runs and reports are in :mod:`fusionlib.sweeps`.
@@ -26,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import itertools
 import json
 import math
 import os
@@ -36,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from fusionlib.display import format_table
 
@@ -305,47 +303,6 @@ def new_run_dir(root: str | Path = "runs") -> Path:
         path = Path(root) / f"{stamp}-{n}"
     path.mkdir(parents=True)
     return path
-
-
-def run_notebooks(
-    notebooks: Iterable[str | Path],
-    parameters: dict[str, Any] | None = None,
-    out_dir: str | Path | None = None,
-    workers: int = 1,
-    timeout: float | None = None,
-) -> tuple[Path, list[RunResult]]:
-    """Run each notebook into its own folder under ``out_dir`` (default: a new ``runs/<timestamp>/``).
-
-    The parameters are checked against every notebook's ``parameters`` cell
-    first (:class:`fusionlib.sweeps.SweepError`). A failing notebook is recorded
-    and the rest still run. Writes ``summary.csv`` and ``summary.md``
-    (:func:`fusionlib.sweeps.run_sweep`, one run per notebook).
-    """
-    from fusionlib import sweeps
-
-    runs = sweeps.plan_runs([Path(n) for n in notebooks], [dict(parameters or {})])
-    out = Path(out_dir) if out_dir else new_run_dir()
-    return out, sweeps.run_sweep(runs, out, workers=workers, timeout=timeout)
-
-
-def sweep_grid(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of parameter values: {"a": [1, 2], "b": [3]} -> [{a:1,b:3}, {a:2,b:3}]."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-
-
-def sweep(
-    notebook: str | Path,
-    grid: dict[str, Sequence[Any]],
-    out_dir: str | Path | None = None,
-    workers: int | None = None,
-) -> tuple[Path, list[RunResult]]:
-    """Run ``notebook`` once per point of ``grid``; one summary table for all runs (see :mod:`fusionlib.sweeps`)."""
-    from fusionlib import sweeps
-
-    runs = sweeps.plan_sweep({"notebooks": [str(Path(notebook).resolve())], "parameters": dict(grid)})
-    out = Path(out_dir) if out_dir else new_run_dir()
-    return out, sweeps.run_sweep(runs, out, workers=workers)
 
 
 def _csv_value(value: Any) -> Any:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
 from contextvars import ContextVar
 from typing import TypeVar
 
@@ -429,14 +430,13 @@ def is_batchnorm(module: nn.Module) -> bool:
 # --------------------------------------------------------------------------
 # Which classes compute as a torch conv / linear / BatchNorm (the leaf rule)
 # --------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
 def frozen_batchnorm_class() -> type[nn.Module] | None:
-    """``torchvision.ops.misc.FrozenBatchNorm2d``, or ``None`` without torchvision."""
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-    except ImportError:  # pragma: no cover - torchvision is a dependency of the course
-        return None
-    return FrozenBatchNorm2d
+    """``torchvision.ops.misc.FrozenBatchNorm2d`` once torchvision's ops are imported, else ``None``.
+
+    Not imported here (it costs seconds): a model that holds a FrozenBatchNorm2d
+    has imported its module already.
+    """
+    return getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
 
 
 def _foldable_bases() -> tuple[type[nn.Module], ...]:

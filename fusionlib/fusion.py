@@ -240,9 +240,14 @@ _DEFAULT_FUSER_METHODS: dict[tuple[type[nn.Module], ...], FuserMethod] = {
     (nn.BatchNorm2d, nn.ReLU): _sequential_fuser(BNReLU2d),
     (nn.BatchNorm3d, nn.ReLU): _sequential_fuser(BNReLU3d),
 }
-if frozen_batchnorm_class() is not None:
-    _DEFAULT_FUSER_METHODS[(nn.Conv2d, frozen_batchnorm_class())] = fuse_conv_bn
-    _DEFAULT_FUSER_METHODS[(nn.Conv2d, frozen_batchnorm_class(), nn.ReLU)] = fuse_conv_bn_relu
+
+
+def _default_fuser_methods() -> dict[tuple[type[nn.Module], ...], FuserMethod]:
+    """The defaults, plus torchvision's FrozenBatchNorm2d after a conv once torchvision's ops are loaded."""
+    frozen = frozen_batchnorm_class()
+    if frozen is None:
+        return dict(_DEFAULT_FUSER_METHODS)
+    return {**_DEFAULT_FUSER_METHODS, (nn.Conv2d, frozen): fuse_conv_bn, (nn.Conv2d, frozen, nn.ReLU): fuse_conv_bn_relu}
 
 
 def _type_names(types: Sequence[type]) -> str:
@@ -253,7 +258,7 @@ def supported_fusions(
     additional_fuser_method_mapping: dict[tuple[type[nn.Module], ...], FuserMethod] | None = None,
 ) -> list[tuple[type[nn.Module], ...]]:
     """The type sequences :func:`fuse_known_modules` can fuse."""
-    return list({**_DEFAULT_FUSER_METHODS, **(additional_fuser_method_mapping or {})})
+    return list({**_default_fuser_methods(), **(additional_fuser_method_mapping or {})})
 
 
 def get_fuser_method(
@@ -268,7 +273,7 @@ def get_fuser_method(
     :class:`UnsupportedFusionError` (a NotImplementedError) naming the types
     and listing the supported sequences.
     """
-    mapping = {**_DEFAULT_FUSER_METHODS, **(additional_fuser_method_mapping or {})}
+    mapping = {**_default_fuser_methods(), **(additional_fuser_method_mapping or {})}
     op_list = tuple(op_list)
     fuser_method = mapping.get(op_list)
     if fuser_method is None:

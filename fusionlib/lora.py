@@ -73,6 +73,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionlib.folding import round_to_nearest
+from fusionlib.models import _check_dropout
+
 __all__ = [
     "LoRALayer",
     "LoRALinear",
@@ -111,11 +114,6 @@ def _check_alpha(alpha: Any) -> None:
             f"alpha must be a positive finite number, got {alpha!r}; the update is scaled by alpha / r "
             "(alpha = r gives scaling 1, alpha = 2r is a common choice)"
         )
-
-
-def _check_dropout(dropout: Any) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
 def _check_lora_scale(lora_scale: Any) -> None:
@@ -169,7 +167,7 @@ def merge_lora_weight(
         )
     with torch.no_grad():
         exact = weight.detach().to(_EXACT) + delta
-        return torch.empty_like(weight.detach()).copy_(exact)
+        return torch.empty_like(weight.detach()).copy_(round_to_nearest(exact, weight.dtype))
 
 
 # --------------------------------------------------------------------------
@@ -485,11 +483,7 @@ def merge_and_unload(model: nn.Module, lora_scale: float = 1.0, *, inplace: bool
     _require_lora(model, "merge_and_unload")
     target = model if inplace else copy.deepcopy(model)
     for name, layer in lora_layers(target).items():
-        fused = merge_lora_weight(layer.weight_unfused if layer.merged else layer.base.weight,
-                                  layer.lora_A, layer.lora_B, layer.scaling, lora_scale)
-        base = layer.base
-        with torch.no_grad():
-            base.weight.copy_(fused)
+        base = layer.merge(lora_scale).base
         for pname, p in base.named_parameters(recurse=False):
             p.requires_grad_(layer._base_requires_grad.get(pname, True))
         if name:

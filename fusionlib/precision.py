@@ -333,11 +333,7 @@ def cast_then_fold(model: nn.Module, dtype: torch.dtype = torch.bfloat16, channe
     _check_reduced(dtype)
     cast = cast_model(model, dtype, channels_last=False, cast_io=False)
     folded = fuse_conv_bn(cast, inplace=True, **fuse_kwargs)
-    if channels_last:
-        folded.to(memory_format=torch.channels_last)
-    folded.register_forward_pre_hook(_CastInputs(dtype, channels_last))
-    folded.register_forward_hook(_CastOutputs(torch.float32))
-    return folded
+    return cast_model(folded, dtype, channels_last=channels_last, inplace=True)
 
 
 PRECISIONS = ("fp32", "autocast_bf16", "autocast_fp16", "bf16", "fp16")

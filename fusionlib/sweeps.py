@@ -642,28 +642,13 @@ def _run_parallel(todo, out, timeout, threads, factory, bar, finish, results) ->
 
 
 def load_results(out_dir: str | Path) -> list[RunResult]:
-    """The runs of a sweep or run folder, in plan order (also an older folder with only ``summary.csv``)."""
-    import yaml
-
+    """The runs of a sweep or run folder, in plan order."""
     out = Path(out_dir)
     plan = _read_json(out / PLAN_FILE)
-    if plan is not None:
-        runs = [RunSpec(**r) for r in plan.get("runs", [])]
-        return [_result(r, _read_json(out / r.name / STATUS_FILE), out) for r in runs]
-    summary = out / "summary.csv"
-    if not summary.exists():
-        raise SweepError(f"{out} holds neither {PLAN_FILE} nor summary.csv: not a run or sweep folder")
-    import csv
-
-    with open(summary, newline="") as f:
-        rows = list(csv.DictReader(f))
-    fixed = {"notebook", "status", "seconds", "error"}
-    results = []
-    for row in rows:
-        values = {k: (yaml.safe_load(v) if v not in ("", None) else None) for k, v in row.items() if k not in fixed}
-        results.append(RunResult(row.get("notebook", ""), "", row.get("status", ""), float(row.get("seconds") or 0),
-                                 {}, {k: v for k, v in values.items() if v is not None}, row.get("error", "")))
-    return results
+    if plan is None:
+        raise SweepError(f"{out} holds no {PLAN_FILE}: not a run or sweep folder (written by `fusionlib run` or `sweep`)")
+    runs = [RunSpec(**r) for r in plan.get("runs", [])]
+    return [_result(r, _read_json(out / r.name / STATUS_FILE), out) for r in runs]
 
 
 def expand_wildcard(results: Sequence[RunResult], pattern: str, name: str) -> list[RunResult]:

@@ -350,7 +350,7 @@ def _activation_errors(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, 
     finite = bool(torch.isfinite(b64).all())
     _, max_rel = _leaf_errors("", a64, b64)
     if not finite:
-        return max_rel if max_rel == max_rel else math.nan, math.nan, False
+        return max_rel, math.nan, False
     norms = float(a64.norm() * b64.norm())
     cosine = float(a64 @ b64) / norms if norms > 0 else (1.0 if float(a64.norm()) == float(b64.norm()) else 0.0)
     return max_rel, cosine, True

@@ -109,7 +109,7 @@ def trained_model(
     without it are unchanged.
     """
     from fusionlib.data import digits_loaders
-    from fusionlib.models import ALL_BUILDERS, build  # here, not at the top: fusionlib.models re-exports this module
+    from fusionlib.models import ALL_BUILDERS, BUILDERS, build  # here, not at the top: fusionlib.models re-exports this module
     from fusionlib.train import fit, seed_everything
 
     if name not in ALL_BUILDERS:
@@ -129,7 +129,7 @@ def trained_model(
     }
     build_kwargs: dict[str, Any] = {}
     if dropout is not None:
-        if name not in ("resnet18", "mobilenet_v2"):
+        if name not in BUILDERS:
             raise ValueError(f"dropout is an option of resnet18 and mobilenet_v2, not of {name!r}")
         params["dropout"] = float(dropout)
         build_kwargs["dropout"] = float(dropout)

@@ -74,6 +74,20 @@ def test_merge_lora_weight_rounds_once_and_keeps_the_weights_layout():
         merge_lora_weight(w, a, torch.zeros(5, 2, 1, 1), 1.0)
 
 
+def test_merge_lora_weight_rounds_bf16_once_where_torchs_conversion_rounds_twice():
+    """bf16: every merged weight is the nearest bf16 to the float64 sum (torch's float64 -> bf16 rounds twice)."""
+    generator = torch.Generator().manual_seed(3)
+    w = torch.randn(512, 512, generator=generator).to(torch.bfloat16)
+    a, b = torch.randn(8, 512, generator=generator), torch.randn(512, 8, generator=generator)
+    merged = merge_lora_weight(w, a, b, scaling=0.37)
+    exact = w.double() + 0.37 * (b.double() @ a.double())
+    error = (merged.double() - exact).abs()
+    for direction in (math.inf, -math.inf):
+        neighbour = torch.nextafter(merged, torch.full_like(merged, direction)).double()
+        assert bool(((neighbour - exact).abs() >= error).all())
+    assert int((exact.to(torch.bfloat16) != merged).sum()) > 0  # the plain conversion misses somewhere
+
+
 @pytest.mark.parametrize("kernel_size, stride, padding, dilation", [
     (3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1), (3, 1, 2, 2), ((1, 3), 2, (0, 1), 1), (1, 1, 0, 1), (3, 1, "same", 1),
 ])

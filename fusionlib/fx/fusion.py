@@ -87,10 +87,6 @@ FOLDABLE_PAIRS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: nn.BatchNorm1d,
 }
 
-#: The BatchNorm-like class torchvision freezes into detection backbones (2-D, like BatchNorm2d).
-FROZEN_BATCHNORM = frozen_batchnorm_class()
-
-
 def _computes_as(module: nn.Module) -> type[nn.Module] | None:
     """The torch class ``module`` computes as (itself, or the parent whose forward it keeps)."""
     return stock_forward_base(type(module))
@@ -98,11 +94,12 @@ def _computes_as(module: nn.Module) -> type[nn.Module] | None:
 
 def _bn_pairs_with(layer_type: type[nn.Module], bn_type: type[nn.Module]) -> bool:
     wanted = FOLDABLE_PAIRS[layer_type]
-    return bn_type is wanted or (bn_type is FROZEN_BATCHNORM and wanted is nn.BatchNorm2d)
+    # torchvision's FrozenBatchNorm2d (detection backbones) pairs like BatchNorm2d
+    return bn_type is wanted or (bn_type is frozen_batchnorm_class() and wanted is nn.BatchNorm2d)
 
 
 def _is_foldable_bn_type(bn_type: type[nn.Module] | None) -> bool:
-    return bn_type in BATCHNORM_TYPES or (bn_type is not None and bn_type is FROZEN_BATCHNORM)
+    return bn_type in BATCHNORM_TYPES or (bn_type is not None and bn_type is frozen_batchnorm_class())
 
 
 @dataclass
@@ -331,8 +328,8 @@ def _overriding_subclass(node: fx.Node) -> tuple[str, type, type] | None:
 
 
 def is_batchnorm_type(cls: type) -> bool:
-    return issubclass(cls, nn.modules.batchnorm._BatchNorm) or (
-        FROZEN_BATCHNORM is not None and issubclass(cls, FROZEN_BATCHNORM))
+    frozen = frozen_batchnorm_class()
+    return issubclass(cls, nn.modules.batchnorm._BatchNorm) or (frozen is not None and issubclass(cls, frozen))
 
 
 def _overriding_subclasses(gm: fx.GraphModule) -> list[str]:

@@ -72,7 +72,7 @@ from fusionlib.quant.descriptor import (
     QUANT_DESC_8BIT_PER_TENSOR,
     QuantDescriptor,
 )
-from fusionlib.quant.modules import QuantMixin
+from fusionlib.quant.modules import QuantMixin, _check_descriptor
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 
 __all__ = [
@@ -90,12 +90,6 @@ __all__ = [
 
 #: Where prepare_qat puts the activation quantizers it inserts (``gm.act_quant.<node name>``).
 ACTIVATION_QUANTIZERS = "act_quant"
-
-
-def _check_desc(value: Any, what: str) -> QuantDescriptor:
-    if not isinstance(value, QuantDescriptor):
-        raise TypeError(f"{what} must be a QuantDescriptor, got {type(value).__name__} {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------- QAT layers
@@ -125,7 +119,7 @@ class QATConvBn2d(QuantMixin, nn.Module):
         self.bn = bn
         self.relu = bool(relu)
         self.freeze_bn = False
-        self.weight_quantizer = TensorQuantizer(_check_desc(weight_desc, "weight_desc"))
+        self.weight_quantizer = TensorQuantizer(_check_descriptor(weight_desc, "weight_desc"))
         self._missing_quantizer_keys = ()
         self.training = conv.training
 
@@ -196,7 +190,7 @@ class QATConv2d(QuantMixin, nn.Conv2d):
         with torch.random.fork_rng(devices=[]):
             new = cls(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
                       bias=c.bias is not None, padding_mode=c.padding_mode, device=c.weight.device, dtype=c.weight.dtype)
-        new.weight_quantizer = TensorQuantizer(_check_desc(weight_desc, "weight_desc"))
+        new.weight_quantizer = TensorQuantizer(_check_descriptor(weight_desc, "weight_desc"))
         new.load_state_dict(c.state_dict(), strict=False)
         new._missing_quantizer_keys = ()
         new.weight.requires_grad_(c.weight.requires_grad)
@@ -220,7 +214,7 @@ class QATLinear(QuantMixin, nn.Linear):
         with torch.random.fork_rng(devices=[]):
             new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
                       device=lin.weight.device, dtype=lin.weight.dtype)
-        new.weight_quantizer = TensorQuantizer(_check_desc(weight_desc, "weight_desc"))
+        new.weight_quantizer = TensorQuantizer(_check_descriptor(weight_desc, "weight_desc"))
         new.load_state_dict(lin.state_dict(), strict=False)
         new._missing_quantizer_keys = ()
         return new.train(lin.training)
@@ -377,8 +371,8 @@ def prepare_qat(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat takes an nn.Module, got {type(model).__name__}")
-    _check_desc(weight_desc, "weight_desc")
-    _check_desc(input_desc, "input_desc")
+    _check_descriptor(weight_desc, "weight_desc")
+    _check_descriptor(input_desc, "input_desc")
     if input_desc.axis is not None:
         raise ValueError(f"input_desc must be per tensor (axis=None), got axis={input_desc.axis}: "
                          "an int8 activation has one scale")
@@ -549,12 +543,13 @@ def export_folded(qat_model: fx.GraphModule, keep_activation_quantizers: bool = 
                     new = nn.Sequential(new, nn.ReLU())
             elif isinstance(m, QATConv2d):
                 new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                                m.groups, bias=m.bias is not None).eval()
+                                m.groups, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype).eval()
                 new.weight.copy_(m.quantized_weight())
                 if m.bias is not None:
                     new.bias.copy_(m.bias)
             elif isinstance(m, QATLinear):
-                new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None).eval()
+                new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                                device=m.weight.device, dtype=m.weight.dtype).eval()
                 new.weight.copy_(m.quantized_weight())
                 if m.bias is not None:
                     new.bias.copy_(m.bias)
