@@ -1,0 +1,458 @@
+r"""Deployment to ONNX Runtime: export any model the course builds, run it, and read what the runtime did (notebook 16).
+
+**Export.** :func:`export_onnx` calls ``torch.onnx.export(..., dynamo=False,
+opset_version=17)``: the TorchScript-based exporter traces one forward and
+translates each aten op to ONNX ops. In eval mode that exporter already folds
+``Conv → BatchNormalization`` itself (its "eval peephole", the fold of
+notebook 02); ``keep_batchnorm=True`` exports the BatchNorm nodes as they
+are, so ONNX Runtime's own fold can be seen. The graph is checked with
+``onnx.checker`` and an :class:`ExportReport` says which exporter and opset
+were used and which ops the file holds.
+
+**Quantized models as Q/DQ graphs.** Every enabled
+:class:`~fusionlib.quant.TensorQuantizer` is switched to its export mode for
+the export, so it calls torch's fake-quant kernels, which the exporter writes
+as a ``QuantizeLinear → DequantizeLinear`` pair::
+
+    q = saturate(round(x / s) + z)       QuantizeLinear     s = amax / qmax ("step_size"), z = 0
+    x̂ = (q − z) · s                      DequantizeLinear
+
+with int8 for signed quantizers (grid ``[−128, 127]``), uint8 for unsigned
+ones (``[0, 255]``), one ``s`` per tensor, or one per channel along the
+quantizer's axis (``axis=`` on both nodes) for weights. That is the graph
+ONNX Runtime turns into integer kernels (``QLinearConv``, ``QLinearAdd``, ...)
+and TensorRT consumes. ONNX's integer types are 8-bit (opset 17) and its
+int8 grid is ``[−128, 127]``, so a quantizer with another bit width or a
+narrow range (``[−127, 127]``) is refused, by name, before anything is written.
+
+**Run.** :func:`ort_session` opens a file in an ONNX Runtime
+``InferenceSession`` (CPU, ``threads`` intra-op threads, one inter-op
+thread) and returns an :class:`OrtModule`: an ``nn.Module`` whose forward
+takes and returns torch tensors, so :func:`fusionlib.verify.compare_outputs`
+and :func:`fusionlib.bench.compare_models_latency` use it like any model.
+
+**Read.** :func:`optimized_graph` saves the graph ONNX Runtime actually runs
+after its graph optimizations (constant folding, Conv+BatchNorm fusion,
+Conv+activation fusion, Q/DQ → QLinear* kernels, NCHWc / NHWC layout
+transforms) and :func:`op_counts` / :func:`op_count_table` count its nodes by
+op type next to the exported ones.
+
+onnx and onnxruntime are an optional extra (``pip install -e '.[deploy]'``):
+without them, :func:`available` is False and every function that needs them
+raises :class:`DeployUnavailable` with that one-line hint.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fusionlib.quant.tensor_quantizer import TensorQuantizer
+
+__all__ = [
+    "OPSET",
+    "EXPORTER",
+    "INSTALL_HINT",
+    "DeployUnavailable",
+    "ONNXExportError",
+    "available",
+    "versions",
+    "export_onnx",
+    "ExportReport",
+    "exportable_quantizers",
+    "OrtModule",
+    "ort_session",
+    "optimized_graph",
+    "op_counts",
+    "op_count_table",
+    "file_size_mb",
+]
+
+#: The ONNX opset every export uses (QuantizeLinear / DequantizeLinear per channel need >= 13).
+OPSET = 17
+#: The exporter :func:`export_onnx` calls.
+EXPORTER = "torch.onnx.export, TorchScript-based (dynamo=False)"
+INSTALL_HINT = "pip install -e '.[deploy]'  (or: pip install onnx onnxruntime)"
+
+
+class DeployUnavailable(RuntimeError):
+    """onnx or onnxruntime is not installed; the message is the one-line install hint."""
+
+
+class ONNXExportError(RuntimeError):
+    """The exporter could not translate the model; the message names the op and where it is called."""
+
+
+def _missing() -> list[str]:
+    import importlib.util
+
+    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
+def available() -> bool:
+    """True when onnx and onnxruntime are both installed (the ``deploy`` extra)."""
+    return not _missing()
+
+
+def _require() -> tuple[Any, Any]:
+    missing = _missing()
+    if missing:
+        raise DeployUnavailable(f"fusionlib.deploy needs {' and '.join(missing)}: {INSTALL_HINT}") from None
+    import onnx
+    import onnxruntime
+
+    return onnx, onnxruntime
+
+
+def versions() -> dict[str, str]:
+    """Versions of torch, onnx and onnxruntime (what an export and a measurement depend on)."""
+    onnx, ort = _require()
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+
+# ---------------------------------------------------------------------- quantizers
+def exportable_quantizers(model: nn.Module) -> list[str]:
+    """Names of the quantizers that will become Q/DQ pairs; raises, naming them, for any that cannot.
+
+    A quantizer exports when it is disabled or not quantizing (it is then the
+    identity), or when it has an amax, 8 bits, the full range, is not
+    calibrating, and is per tensor or along one axis.
+    """
+    active, no_amax, bad_bits, narrow, calibrating, multi_axis = [], [], [], [], [], []
+    for name, q in model.named_modules():
+        if not isinstance(q, TensorQuantizer) or q.disabled:
+            continue
+        label = name or "<model>"
+        if q.calib_enabled:
+            calibrating.append(label)
+        if not q.quant_enabled:
+            continue
+        active.append(label)
+        if q.amax is None:
+            no_amax.append(label)
+        if q.num_bits != 8:
+            bad_bits.append(f"{label} ({q.num_bits} bits)")
+        if q.narrow_range:
+            narrow.append(label)
+        if q.amax is not None and q.amax.numel() > 1 and not (isinstance(q.axis, int) or
+                                                             (isinstance(q.axis, tuple) and len(q.axis) == 1)):
+            multi_axis.append(f"{label} (axis={q.axis})")
+    problems = []
+    if no_amax:
+        problems.append(f"{len(no_amax)} quantizer(s) have no amax (calibrate first): {_listing(no_amax)}")
+    if calibrating:
+        problems.append(f"{len(calibrating)} quantizer(s) are still calibrating (call disable_calib()): {_listing(calibrating)}")
+    if bad_bits:
+        problems.append(f"ONNX QuantizeLinear holds 8-bit integers (opset {OPSET}); not 8 bits: {_listing(bad_bits)}")
+    if narrow:
+        problems.append(f"ONNX's int8 grid is [-128, 127]; narrow-range ([-127, 127]) quantizers: {_listing(narrow)} "
+                        "(build them with narrow_range=False)")
+    if multi_axis:
+        problems.append(f"Q/DQ quantizes per tensor or along one axis: {_listing(multi_axis)}")
+    if problems:
+        raise ValueError("cannot export as Q/DQ: " + "; ".join(problems))
+    return active
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+@contextlib.contextmanager
+def _export_mode(model: nn.Module) -> Iterator[None]:
+    """Every TensorQuantizer of ``model`` in export mode (an instance attribute), restored afterwards."""
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    saved = [m.__dict__.get("export_mode", None) for m in quantizers]
+    try:
+        for m in quantizers:
+            m.export_mode = True
+        yield
+    finally:
+        for m, value in zip(quantizers, saved):
+            if value is None:
+                m.__dict__.pop("export_mode", None)
+            else:
+                m.export_mode = value
+
+
+# ---------------------------------------------------------------------- export
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote: file, exporter, opset, node counts by op type, Q/DQ pairs, sizes, seconds."""
+
+    path: Path
+    opset: int
+    exporter: str
+    versions: dict[str, str]
+    op_counts: dict[str, int]
+    quantizers: list[str] = field(default_factory=list)
+    batchnorm_kept: bool = False
+    size_mb: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def qdq_pairs(self) -> int:
+        return min(self.op_counts.get("QuantizeLinear", 0), self.op_counts.get("DequantizeLinear", 0))
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{op} {n}" for op, n in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [f"{self.path.name}: ONNX opset {self.opset}, {self.exporter}; torch {self.versions.get('torch')}, "
+                 f"onnx {self.versions.get('onnx')}; checked with onnx.checker; {self.size_mb:.2f} MB, "
+                 f"exported in {self.seconds:.1f} s",
+                 f"  nodes: {sum(self.op_counts.values())} ({ops})"]
+        if self.quantizers:
+            lines.append(f"  {len(self.quantizers)} quantizers exported as QuantizeLinear/DequantizeLinear "
+                         f"({self.qdq_pairs} pairs in the graph)")
+        if self.batchnorm_kept:
+            lines.append("  BatchNorm exported as BatchNormalization nodes (keep_batchnorm=True)")
+        return "\n".join(lines)
+
+
+def _unsupported_op(err: BaseException) -> str | None:
+    match = re.search(r"operator '([\w:.]+)'", str(err))
+    return match.group(1) if match else None
+
+
+def _where_op_runs(model: nn.Module, args: tuple, op_name: str) -> list[str]:
+    """The modules (dotted names and classes) inside which aten op ``op_name`` runs in one forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack: list[str] = []
+    found: list[str] = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if (name == op_name or name.removeprefix("aten::") == op_name.removeprefix("aten::")) and stack:
+                where = stack[-1]
+                if where not in found:
+                    found.append(where)
+            return func(*args, **(kwargs or {}))
+
+    def leave(module: nn.Module, inputs: Any, output: Any) -> None:  # a hook returning a value replaces the output
+        if stack:
+            stack.pop()
+
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+    for m, n in names.items():
+        label = f"{n or '<model>'} ({type(m).__name__})"
+        handles.append(m.register_forward_pre_hook(lambda mod, inp, label=label: stack.append(label)))
+        handles.append(m.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), Spy():
+            model(*args)
+    except Exception:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    opset: int = OPSET,
+    dynamic_batch: bool = True,
+    dynamic_image_size: bool = False,
+    keep_batchnorm: bool = False,
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("output",),
+) -> ExportReport:
+    """Export ``model`` (in eval mode) to ``path`` as ONNX; fake quantizers become QuantizeLinear / DequantizeLinear.
+
+    ``example_inputs``: one tensor or a sequence of positional inputs (their
+    shapes are traced; ``dynamic_batch`` leaves dimension 0 free,
+    ``dynamic_image_size`` the height and width of 4-d inputs too: one file
+    for every size, at the price of shape-specific optimizations).
+    ``keep_batchnorm``: export BatchNorm as BatchNormalization nodes instead
+    of letting the exporter fold them into the convs. The caller's model is
+    not changed (quantizers are in export mode only during the call); the file
+    is written completely or not at all, then checked with ``onnx.checker``.
+    Errors name what is wrong: a module in training mode, quantizers that
+    cannot be exported, or the op the exporter cannot translate and the
+    modules where it runs.
+    """
+    onnx, _ = _require()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx takes an nn.Module, got {type(model).__name__}")
+    # bare containers (torch.fx makes nn.Module() ones for dotted names) compute nothing themselves
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    training = [n or "<model>" for n, m in model.named_modules()
+                if m.training and not isinstance(m, TensorQuantizer)  # a quantizer computes the same in both modes
+                and not (n and (type(m) is nn.Module or isinstance(m, containers)))]
+    if training:
+        raise ValueError(f"export_onnx exports inference graphs: call model.eval() first "
+                         f"({len(training)} module(s) in training mode: {_listing(training)})")
+    if not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an int >= 13 (per-channel QuantizeLinear), got {opset!r}")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    if len(input_names) != len(args):
+        raise ValueError(f"{len(args)} example input(s) but input_names has {len(input_names)}: {list(input_names)}")
+    quantizers = exportable_quantizers(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic_axes: dict[str, dict[int, str]] = {}
+    for name, x in [*zip(input_names, args), *((n, None) for n in output_names)]:
+        axes = {0: "batch"} if dynamic_batch else {}
+        if dynamic_image_size and x is not None and x.dim() == 4:
+            axes.update({2: "height", 3: "width"})
+        if axes:
+            dynamic_axes[name] = axes
+    mode = torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}-")
+    os.close(fd)
+    # the exporter switches the model to eval and back with model.train(flag), which resets every submodule's
+    # flag to the root's: keep each module's own
+    flags = [(m, m.training) for m in model.modules()]
+    start = time.perf_counter()
+    try:
+        with _export_mode(model), torch.no_grad(), warnings.catch_warnings():
+            # the tracer warns about every Python-level check it cannot record (shape asserts in our quantizers)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own logging helper
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            # keep_batchnorm exports with TrainingMode.PRESERVE on an eval model: nothing learnable is folded
+            warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
+            try:
+                torch.onnx.export(model, args, tmp, dynamo=False, opset_version=opset, training=mode,
+                                  input_names=list(input_names), output_names=list(output_names),
+                                  dynamic_axes=dynamic_axes or None, do_constant_folding=True)
+            except Exception as err:  # the exporter's own errors: name the op and where it runs
+                op = _unsupported_op(err)
+                if op is None:
+                    raise ONNXExportError(f"torch.onnx.export (opset {opset}) failed: "
+                                          f"{str(err).strip().splitlines()[0]}") from err
+                where = _where_op_runs(model, args, op)
+                at = f" in {_listing(where)}" if where else ""
+                raise ONNXExportError(f"the ONNX exporter cannot translate the op {op!r}{at} (opset {opset}); "
+                                      "replace that computation, or register a custom symbolic "
+                                      "(torch.onnx.register_custom_op_symbolic)") from None
+        seconds = time.perf_counter() - start
+        onnx.checker.check_model(tmp)
+        os.replace(tmp, path)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    counts = op_counts(path)
+    if quantizers and counts.get("BatchNormalization") and not keep_batchnorm:
+        batchnorms = [n for n, m in model.named_modules() if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)]
+        warnings.warn(f"{counts['BatchNormalization']} BatchNorm layer(s) ({_listing(batchnorms, 3)}) stay in the Q/DQ "
+                      "graph: neither the exporter nor ONNX Runtime folds a BatchNorm into a conv whose weight is "
+                      "quantized, so those convs run in float. Fold first (fusionlib.fx.fuse_conv_bn), then quantize.",
+                      stacklevel=2)
+    return ExportReport(path=path, opset=opset, exporter=EXPORTER, versions=versions(), op_counts=counts,
+                        quantizers=quantizers, batchnorm_kept=keep_batchnorm, size_mb=file_size_mb(path),
+                        seconds=seconds)
+
+
+# ---------------------------------------------------------------------- run
+class OrtModule(nn.Module):
+    """An ONNX Runtime session as an ``nn.Module``: ``forward`` takes torch tensors and returns torch tensors.
+
+    One output comes back as a tensor, several as a tuple. ``copy.deepcopy``
+    opens a new session on the same file with the same options.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1, optimization: str = "all",
+                 optimized_model_path: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        _, ort = _require()
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if optimization not in levels:
+            raise ValueError(f"optimization must be one of {sorted(levels)}, got {optimization!r}")
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {self.path}")
+        self.threads, self.optimization = threads, optimization
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = levels[optimization]
+        options.log_severity_level = 3  # errors only (saving an NCHWc-optimized graph warns that it is CPU-specific)
+        if optimized_model_path is not None:
+            options.optimized_model_filepath = str(optimized_model_path)
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"{self.path.name} takes {len(self.input_names)} input(s) {self.input_names}, "
+                             f"got {len(inputs)}")
+        feed = {name: x.detach().cpu().contiguous().numpy() for name, x in zip(self.input_names, inputs)}
+        outputs = [torch.from_numpy(o) for o in self.session.run(self.output_names, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __deepcopy__(self, memo: dict) -> "OrtModule":
+        return OrtModule(self.path, self.threads, self.optimization)
+
+    def extra_repr(self) -> str:
+        return f"{self.path.name}, threads={self.threads}, optimization={self.optimization!r}"
+
+
+def ort_session(path: str | os.PathLike, threads: int = 1, optimization: str = "all") -> OrtModule:
+    """An :class:`OrtModule` on ``path``: CPU, ``threads`` intra-op threads, graph optimizations ``optimization``.
+
+    ``optimization``: "disable", "basic" (constant folding, redundant nodes),
+    "extended" (fusions: Conv+BN, Conv+activation, Q/DQ -> QLinear ops, ...)
+    or "all" (extended plus layout transforms such as NCHWc), the default.
+    """
+    return OrtModule(path, threads=threads, optimization=optimization)
+
+
+# ---------------------------------------------------------------------- read
+def optimized_graph(path: str | os.PathLike, out_path: str | os.PathLike | None = None, threads: int = 1,
+                    optimization: str = "all") -> Path:
+    """Save the graph ONNX Runtime runs for ``path`` after its optimizations (default: ``<stem>.ort-<level>.onnx``)."""
+    path = Path(path)
+    out = Path(out_path) if out_path is not None else path.with_name(f"{path.stem}.ort-{optimization}.onnx")
+    OrtModule(path, threads=threads, optimization=optimization, optimized_model_path=out)
+    return out
+
+
+def op_counts(model_or_path: Any) -> dict[str, int]:
+    """Nodes by op type (domain-qualified for non-ONNX domains, e.g. ``com.microsoft.FusedConv``)."""
+    onnx, _ = _require()
+    graph = onnx.load(str(model_or_path), load_external_data=False).graph if isinstance(
+        model_or_path, (str, os.PathLike)) else model_or_path.graph
+    counts = collections.Counter(
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph.node)
+    return dict(counts)
+
+
+def op_count_table(columns: dict[str, dict[str, int]]) -> tuple[list[str], list[list[Any]]]:
+    """(header, rows) for :func:`fusionlib.display.format_table`: one row per op type, one column per graph."""
+    ops = sorted({op for counts in columns.values() for op in counts},
+                 key=lambda op: (-max(c.get(op, 0) for c in columns.values()), op))
+    rows = [[op] + [counts.get(op, 0) for counts in columns.values()] for op in ops]
+    rows.append(["total"] + [sum(counts.values()) for counts in columns.values()])
+    return ["op type", *columns], rows
+
+
+def file_size_mb(path: str | os.PathLike) -> float:
+    return Path(path).stat().st_size / 1e6
