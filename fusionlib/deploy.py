@@ -31,6 +31,14 @@ thread) and returns an :class:`OrtModule`: an ``nn.Module`` whose forward
 takes and returns torch tensors, so :func:`fusionlib.verify.compare_outputs`
 and :func:`fusionlib.bench.compare_models_latency` use it like any model.
 
+**Store int8.** The exporter writes each quantized weight as a float
+initializer followed by ``QuantizeLinear``: the file is as large as the fp32
+one and ONNX Runtime quantizes the weights when it loads it.
+:func:`compact_qdq` does that once, offline: each ``QuantizeLinear`` of a
+constant becomes an int8 initializer (``round_half_even(W / s) + z``,
+saturated: the operator's own definition), read by the ``DequantizeLinear``
+that followed it, so the weights take one byte each on disk.
+
 **Read.** :func:`optimized_graph` saves the graph ONNX Runtime actually runs
 after its graph optimizations (constant folding, Conv+BatchNorm fusion,
 Conv+activation fusion, Q/DQ → QLinear* kernels, NCHWc / NHWC layout
@@ -67,6 +75,8 @@ __all__ = [
     "ONNXExportError",
     "available",
     "versions",
+    "status_line",
+    "register_notebook_magic",
     "export_onnx",
     "ExportReport",
     "exportable_quantizers",
@@ -75,6 +85,8 @@ __all__ = [
     "optimized_graph",
     "op_counts",
     "op_count_table",
+    "node_rows",
+    "compact_qdq",
     "file_size_mb",
 ]
 
@@ -118,6 +130,40 @@ def versions() -> dict[str, str]:
     """Versions of torch, onnx and onnxruntime (what an export and a measurement depend on)."""
     onnx, ort = _require()
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
+
+
+def status_line() -> str:
+    """One line for a notebook: the versions in use, or what is missing and the install hint."""
+    if not available():
+        return (f"ONNX cells are skipped: {' and '.join(_missing())} not installed. Install the deploy extra: "
+                f"{INSTALL_HINT}")
+    v = versions()
+    return f"onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, torch {v['torch']}: the ONNX cells run"
+
+
+def register_notebook_magic() -> bool:
+    """Register the cell magic ``%%onnx``: the cell runs when onnx and onnxruntime are installed, else says it is skipped.
+
+    The cell body runs in the notebook's namespace (IPython's ``shell.ex``);
+    its errors surface as in any cell. Outside IPython it does nothing and
+    returns False.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+
+    def onnx(line: str, cell: str) -> None:
+        if available():
+            shell.ex(cell)
+        else:
+            print(f"skipped: {status_line()}")
+
+    shell.register_magic_function(onnx, magic_kind="cell", magic_name="onnx")
+    return True
 
 
 # ---------------------------------------------------------------------- quantizers
@@ -456,3 +502,71 @@ def op_count_table(columns: dict[str, dict[str, int]]) -> tuple[list[str], list[
 
 def file_size_mb(path: str | os.PathLike) -> float:
     return Path(path).stat().st_size / 1e6
+
+
+def node_rows(model_or_path: Any, limit: int | None = 12) -> list[list[str]]:
+    """The first ``limit`` nodes as rows ``[op type, name, activation]`` (a fused activation is an attribute)."""
+    onnx, _ = _require()
+    graph = onnx.load(str(model_or_path)).graph if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.graph
+    rows = []
+    for node in list(graph.node)[:limit]:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        activation = next((a.s.decode() for a in node.attribute if a.name == "activation"), "")
+        rows.append([op, node.name, activation])
+    return rows
+
+
+def compact_qdq(path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
+    """Store every quantized constant as integers: ``QuantizeLinear(W)`` of an initializer becomes an int8 initializer.
+
+    ``q = saturate(round_half_even(W / s) + z)`` per tensor or along the
+    node's axis, exactly as the operator defines it, so the graph computes the
+    same; the float initializer is dropped when nothing else reads it. Writes
+    ``out_path`` (default ``<stem>.int8.onnx``), checks it with ``onnx.checker``
+    and returns its path.
+    """
+    onnx, _ = _require()
+    import numpy as np
+    from onnx import numpy_helper
+
+    path = Path(path)
+    out = Path(out_path) if out_path is not None else path.with_name(f"{path.stem}.int8.onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        node = constants.get(name)
+        return numpy_helper.to_array(node.attribute[0].t) if node is not None and node.attribute[0].name == "value" else None
+
+    removed, new_initializers = [], []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers or len(node.input) < 3:
+            continue
+        w, scale, zero_point = value(node.input[0]), value(node.input[1]), value(node.input[2])
+        if scale is None or zero_point is None:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.size > 1:  # per channel: broadcast along axis
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        info = np.iinfo(zero_point.dtype)
+        q = np.clip(np.rint(w.astype(np.float32) / scale.astype(np.float32)) + zero_point.astype(np.int32),
+                    info.min, info.max).astype(zero_point.dtype)
+        new_initializers.append(numpy_helper.from_array(q, name=node.output[0]))
+        removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    graph.initializer.extend(new_initializers)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(t)
+    for n in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in read]:
+        graph.node.remove(n)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out

@@ -87,6 +87,10 @@ GLOSSARY: tuple[Quantity, ...] = (
              "their channel's step amax / qmax (details: which weights, which grid, model)", "fraction in [0, 1]"),
     Quantity("model_mb", "size on disk of a model's state dict written by torch.save (details: fp32 or int8, "
              "model)", "10^6 bytes"),
+    Quantity("onnx_mb", "size on disk of an ONNX file (details: which export, e.g. fp32, qdq or qdq_int8 for Q/DQ "
+             "with int8-stored weights; model)", "10^6 bytes"),
+    Quantity("onnx_nodes", "nodes in an ONNX graph (details: exported or ort, i.e. after ONNX Runtime's graph "
+             "optimizations; an op type or 'all'; model)", "count"),
 )
 
 _BY_PREFIX = sorted(GLOSSARY, key=lambda q: len(q.prefix), reverse=True)  # longest prefix wins
