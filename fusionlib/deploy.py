@@ -80,6 +80,7 @@ __all__ = [
     "export_onnx",
     "ExportReport",
     "exportable_quantizers",
+    "weight_quantizers",
     "OrtModule",
     "ort_session",
     "optimized_graph",
@@ -215,21 +216,33 @@ def _listing(names: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def weight_quantizers(model: nn.Module) -> set[int]:
+    """ids of the quantizers that quantize a weight (a module's ``weight_quantizer``)."""
+    return {id(m.weight_quantizer) for m in model.modules() if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer)}
+
+
 @contextlib.contextmanager
-def _export_mode(model: nn.Module) -> Iterator[None]:
-    """Every TensorQuantizer of ``model`` in export mode (an instance attribute), restored afterwards."""
+def _export_mode(model: nn.Module, activations: str = "int8") -> Iterator[None]:
+    """Every TensorQuantizer of ``model`` in export mode (instance attributes), restored afterwards.
+
+    ``activations="uint8"``: signed per-tensor quantizers of activations (not weights) export shifted onto uint8.
+    """
+    if activations not in ("int8", "uint8"):
+        raise ValueError(f"activations must be 'int8' or 'uint8', got {activations!r}")
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    saved = [m.__dict__.get("export_mode", None) for m in quantizers]
+    weights = weight_quantizers(model)
+    names = ("export_mode", "export_uint8_shift")
+    saved = [{k: m.__dict__[k] for k in names if k in m.__dict__} for m in quantizers]
     try:
         for m in quantizers:
             m.export_mode = True
+            m.export_uint8_shift = activations == "uint8" and id(m) not in weights
         yield
     finally:
-        for m, value in zip(quantizers, saved):
-            if value is None:
-                m.__dict__.pop("export_mode", None)
-            else:
-                m.export_mode = value
+        for m, values in zip(quantizers, saved):
+            for k in names:
+                m.__dict__.pop(k, None)
+            m.__dict__.update(values)
 
 
 # ---------------------------------------------------------------------- export
@@ -316,6 +329,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_image_size: bool = False,
     keep_batchnorm: bool = False,
+    activations: str = "int8",
     input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] = ("output",),
 ) -> ExportReport:
@@ -326,7 +340,10 @@ def export_onnx(
     ``dynamic_image_size`` the height and width of 4-d inputs too: one file
     for every size, at the price of shape-specific optimizations).
     ``keep_batchnorm``: export BatchNorm as BatchNormalization nodes instead
-    of letting the exporter fold them into the convs. The caller's model is
+    of letting the exporter fold them into the convs. ``activations``: how
+    signed activation quantizers are stored, ``"int8"`` (zero point 0) or
+    ``"uint8"`` (the same values shifted: zero point 128, the type x86 int8
+    kernels take; weights stay int8). The caller's model is
     not changed (quantizers are in export mode only during the call); the file
     is written completely or not at all, then checked with ``onnx.checker``.
     Errors name what is wrong: a module in training mode, quantizers that
@@ -369,7 +386,7 @@ def export_onnx(
     flags = [(m, m.training) for m in model.modules()]
     start = time.perf_counter()
     try:
-        with _export_mode(model), torch.no_grad(), warnings.catch_warnings():
+        with _export_mode(model, activations), torch.no_grad(), warnings.catch_warnings():
             # the tracer warns about every Python-level check it cannot record (shape asserts in our quantizers)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own logging helper

@@ -260,3 +260,25 @@ def test_missing_extra_gives_a_one_line_hint(monkeypatch):
         deploy.ort_session("model.onnx")
     assert str(info.value) == f"fusionlib.deploy needs onnxruntime: {deploy.INSTALL_HINT}"
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_uint8_activations_store_the_same_values_and_give_mobilenet_v2_int8_kernels(digits, tmp_path):
+    """Signed activations shifted onto uint8 (zero point 128): same Q/DQ values, and ONNX Runtime's x86 int8 ops."""
+    model = prepare_qat(_model("mobilenet_v2"), digits[:4])
+    calibrate(model, [digits[:16]])
+    model.eval()
+    files = {act: deploy.compact_qdq(deploy.export_onnx(model, digits[:1], tmp_path / f"{act}.onnx", activations=act).path)
+             for act in ("int8", "uint8")}
+    proto = onnx.load(str(files["uint8"]))
+    zero_points = [(_constant(proto, n.input[2]).dtype.name, int(_constant(proto, n.input[2]).flatten()[0]))
+                   for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert ("uint8", 128) in zero_points and ("uint8", 0) in zero_points   # shifted signed, and ReLU6 outputs
+    assert ("int8", 0) in zero_points                                      # weights stay int8
+    reference = {act: deploy.ort_session(f, optimization="disable")(digits) for act, f in files.items()}
+    assert torch.equal(reference["int8"], reference["uint8"])              # the same dequantized values
+    counts = {act: deploy.op_counts(deploy.optimized_graph(f, optimization="all")) for act, f in files.items()}
+    assert counts["uint8"].get("com.microsoft.QLinearConv", 0) == 52 and "Conv" not in counts["uint8"], counts["uint8"]
+    assert counts["int8"].get("Conv", 0) > 0, "signed activations were expected to keep some convs in float"
+    with pytest.raises(ValueError, match="activations must be 'int8' or 'uint8'"):
+        deploy.export_onnx(model, digits[:1], tmp_path / "bad.onnx", activations="int16")
+    assert not (tmp_path / "bad.onnx").exists()

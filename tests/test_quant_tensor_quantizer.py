@@ -274,3 +274,22 @@ def test_repr_shows_bits_axis_and_amax():
     assert "narrow" in repr(TensorQuantizer(QuantDescriptor(narrow_range=True)))
     tq.disable()
     assert "disabled" in repr(tq)
+
+
+def test_export_uint8_shift_gives_the_same_values_on_a_uint8_grid():
+    """zero point 128 on [0, 255] is the signed grid [-128, 127] shifted: identical fake-quant values."""
+    from fusionlib.quant import QuantDescriptor, TensorQuantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5) * 3
+    q = TensorQuantizer(QuantDescriptor(num_bits=8, amax=2.0))
+    q.export_mode = True
+    signed = q(x)
+    q.export_uint8_shift = True
+    shifted = q(x)
+    assert torch.equal(signed, shifted)
+    assert abs(float(shifted.min()) + 128 * 2.0 / 127) < 1e-6 and float(shifted.max()) == 2.0  # full signed range
+    unsigned = TensorQuantizer(QuantDescriptor(num_bits=8, amax=2.0, unsigned=True))
+    unsigned.export_mode = True
+    unsigned.export_uint8_shift = True  # already unsigned: nothing to shift
+    assert float(unsigned(x).min()) == 0.0

@@ -21,6 +21,12 @@ where ``step_size = amax / qmax`` (torch's "scale"), so ``torch.onnx.export``
 emits QuantizeLinear / DequantizeLinear pairs, as pytorch-quantization's
 ``use_fb_fake_quant``. The results agree with the default path within one step
 (ties can round differently; see :mod:`fusionlib.quant.functional`).
+``export_uint8_shift = True`` (an instance attribute, for a signed 8-bit
+per-tensor quantizer) writes the same grid as unsigned integers shifted by
+128, ``fake_quantize_per_tensor_affine(x, step_size, 128, 0, 255)``:
+``(clamp(round(x/Δ) + 128, 0, 255) − 128)·Δ = clamp(round(x/Δ), −128, 127)·Δ``,
+so the values are identical and the exported pair is uint8 with zero point 128
+(the storage torch's ``quint8`` uses, and the activation type x86 int8 kernels take).
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ class TensorQuantizer(nn.Module):
     """Fake-quantize (or quantize, or calibrate on) the tensors passing through; see the module docstring."""
 
     export_mode: bool = False
+    export_uint8_shift: bool = False
 
     def __init__(
         self,
@@ -198,6 +205,8 @@ class TensorQuantizer(nn.Module):
         step = amax / qmax  # torch's "scale"
         axes = check_axis(self._axis, x.dim())
         if amax.numel() == 1:
+            if self.export_uint8_shift and not self._unsigned and self._num_bits == 8 and not self._narrow_range:
+                return torch.fake_quantize_per_tensor_affine(x, float(step.reshape(())), 128, 0, 255)
             return torch.fake_quantize_per_tensor_affine(x, float(step.reshape(())), 0, qmin, qmax)
         if axes is None or len(axes) != 1:
             raise ValueError(
