@@ -145,8 +145,8 @@ def status_line() -> str:
 def register_notebook_magic() -> bool:
     """Register the cell magic ``%%onnx``: the cell runs when onnx and onnxruntime are installed, else says it is skipped.
 
-    The cell body runs in the notebook's namespace (IPython's ``shell.ex``);
-    its errors surface as in any cell. Outside IPython it does nothing and
+    The cell body runs in the notebook's namespace; its errors surface as in
+    any cell, with the cell's lines in the traceback. Outside IPython it does nothing and
     returns False.
     """
     try:
@@ -157,11 +157,18 @@ def register_notebook_magic() -> bool:
     if shell is None:
         return False
 
+    import itertools
+    import linecache
+
+    counter = itertools.count(1)
+
     def onnx(line: str, cell: str) -> None:
-        if available():
-            shell.ex(cell)
-        else:
+        if not available():
             print(f"skipped: {status_line()}")
+            return
+        filename = f"<onnx cell {next(counter)}>"  # registered, so a traceback shows the cell's lines
+        linecache.cache[filename] = (len(cell), None, cell.splitlines(keepends=True), filename)
+        exec(compile(cell, filename, "exec"), shell.user_ns)
 
     shell.register_magic_function(onnx, magic_kind="cell", magic_name="onnx")
     return True
