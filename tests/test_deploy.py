@@ -282,3 +282,27 @@ def test_uint8_activations_store_the_same_values_and_give_mobilenet_v2_int8_kern
     with pytest.raises(ValueError, match="activations must be 'int8' or 'uint8'"):
         deploy.export_onnx(model, digits[:1], tmp_path / "bad.onnx", activations="int16")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_onnx_cell_magic_runs_cells_reports_errors_and_skips_without_the_extra(monkeypatch, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    if InteractiveShell.initialized():
+        pytest.skip("an IPython shell already exists in this process")
+    assert deploy.register_notebook_magic() is False  # outside IPython: nothing to register
+    shell = InteractiveShell.instance()
+    try:
+        assert deploy.register_notebook_magic() is True
+        shell.run_cell("%%onnx\nvalue = 41 + 1")
+        assert shell.user_ns["value"] == 42
+        result = shell.run_cell("%%onnx\nx = 1\nraise ValueError('boom')")
+        assert isinstance(result.error_in_exec, ValueError)
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+        capsys.readouterr()
+        shell.run_cell("%%onnx\nvalue = 0")
+        assert shell.user_ns["value"] == 42
+        assert "skipped: ONNX cells are skipped: onnx not installed" in capsys.readouterr().out
+        assert deploy.INSTALL_HINT in deploy.status_line()
+    finally:
+        InteractiveShell.clear_instance()
