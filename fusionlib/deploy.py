@@ -109,7 +109,13 @@ class ONNXExportError(RuntimeError):
 def _missing() -> list[str]:
     import importlib.util
 
-    return [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):  # ValueError: blocked with sys.modules[name] = None
+            return True
+
+    return [name for name in ("onnx", "onnxruntime") if absent(name)]
 
 
 def available() -> bool:
@@ -136,7 +142,7 @@ def versions() -> dict[str, str]:
 def status_line() -> str:
     """One line for a notebook: the versions in use, or what is missing and the install hint."""
     if not available():
-        return (f"ONNX cells are skipped: {' and '.join(_missing())} not installed. Install the deploy extra: "
+        return (f"{' and '.join(_missing())} not installed, so the ONNX cells are skipped; install the deploy extra: "
                 f"{INSTALL_HINT}")
     v = versions()
     return f"onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, torch {v['torch']}: the ONNX cells run"
@@ -164,7 +170,7 @@ def register_notebook_magic() -> bool:
 
     def onnx(line: str, cell: str) -> None:
         if not available():
-            print(f"skipped: {status_line()}")
+            print(f"(cell skipped) {status_line()}")
             return
         filename = f"<onnx cell {next(counter)}>"  # registered, so a traceback shows the cell's lines
         linecache.cache[filename] = (len(cell), None, cell.splitlines(keepends=True), filename)

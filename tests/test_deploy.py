@@ -302,7 +302,7 @@ def test_onnx_cell_magic_runs_cells_reports_errors_and_skips_without_the_extra(m
         capsys.readouterr()
         shell.run_cell("%%onnx\nvalue = 0")
         assert shell.user_ns["value"] == 42
-        assert "skipped: ONNX cells are skipped: onnx not installed" in capsys.readouterr().out
+        assert "(cell skipped) onnx not installed, so the ONNX cells are skipped" in capsys.readouterr().out
         assert deploy.INSTALL_HINT in deploy.status_line()
     finally:
         InteractiveShell.clear_instance()
