@@ -65,6 +65,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from fusionlib.display import listing
+from fusionlib.modules import eval_mode
+from fusionlib.quant.ptq import weight_quantizer_ids
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 
 __all__ = [
@@ -80,13 +83,13 @@ __all__ = [
     "export_onnx",
     "ExportReport",
     "exportable_quantizers",
-    "weight_quantizers",
     "OrtModule",
     "ort_session",
     "optimized_graph",
     "op_counts",
     "op_count_table",
     "node_rows",
+    "constant_values",
     "compact_qdq",
     "file_size_mb",
 ]
@@ -209,29 +212,19 @@ def exportable_quantizers(model: nn.Module) -> list[str]:
             multi_axis.append(f"{label} (axis={q.axis})")
     problems = []
     if no_amax:
-        problems.append(f"{len(no_amax)} quantizer(s) have no amax (calibrate first): {_listing(no_amax)}")
+        problems.append(f"{len(no_amax)} quantizer(s) have no amax (calibrate first): {listing(no_amax)}")
     if calibrating:
-        problems.append(f"{len(calibrating)} quantizer(s) are still calibrating (call disable_calib()): {_listing(calibrating)}")
+        problems.append(f"{len(calibrating)} quantizer(s) are still calibrating (call disable_calib()): {listing(calibrating)}")
     if bad_bits:
-        problems.append(f"ONNX QuantizeLinear holds 8-bit integers (opset {OPSET}); not 8 bits: {_listing(bad_bits)}")
+        problems.append(f"ONNX QuantizeLinear holds 8-bit integers (opset {OPSET}); not 8 bits: {listing(bad_bits)}")
     if narrow:
-        problems.append(f"ONNX's int8 grid is [-128, 127]; narrow-range ([-127, 127]) quantizers: {_listing(narrow)} "
+        problems.append(f"ONNX's int8 grid is [-128, 127]; narrow-range ([-127, 127]) quantizers: {listing(narrow)} "
                         "(build them with narrow_range=False)")
     if multi_axis:
-        problems.append(f"Q/DQ quantizes per tensor or along one axis: {_listing(multi_axis)}")
+        problems.append(f"Q/DQ quantizes per tensor or along one axis: {listing(multi_axis)}")
     if problems:
         raise ValueError("cannot export as Q/DQ: " + "; ".join(problems))
     return active
-
-
-def _listing(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def weight_quantizers(model: nn.Module) -> set[int]:
-    """ids of the quantizers that quantize a weight (a module's ``weight_quantizer``)."""
-    return {id(m.weight_quantizer) for m in model.modules() if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer)}
 
 
 @contextlib.contextmanager
@@ -243,7 +236,7 @@ def _export_mode(model: nn.Module, activations: str = "int8") -> Iterator[None]:
     if activations not in ("int8", "uint8"):
         raise ValueError(f"activations must be 'int8' or 'uint8', got {activations!r}")
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    weights = weight_quantizers(model)
+    weights = weight_quantizer_ids(model)
     names = ("export_mode", "export_uint8_shift")
     saved = [{k: m.__dict__[k] for k in names if k in m.__dict__} for m in quantizers]
     try:
@@ -373,7 +366,7 @@ def export_onnx(
                 and not (n and (type(m) is nn.Module or isinstance(m, containers)))]
     if training:
         raise ValueError(f"export_onnx exports inference graphs: call model.eval() first "
-                         f"({len(training)} module(s) in training mode: {_listing(training)})")
+                         f"({len(training)} module(s) in training mode: {listing(training)})")
     if not isinstance(opset, int) or opset < 13:
         raise ValueError(f"opset must be an int >= 13 (per-channel QuantizeLinear), got {opset!r}")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
@@ -394,12 +387,11 @@ def export_onnx(
     mode = torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}-")
     os.close(fd)
-    # the exporter switches the model to eval and back with model.train(flag), which resets every submodule's
-    # flag to the root's: keep each module's own
-    flags = [(m, m.training) for m in model.modules()]
     start = time.perf_counter()
     try:
-        with _export_mode(model, activations), torch.no_grad(), warnings.catch_warnings():
+        # eval_mode gives every submodule its own train flag back: the exporter's model.train(flag) would reset
+        # them all to the root's
+        with eval_mode(model), _export_mode(model, activations), torch.no_grad(), warnings.catch_warnings():
             # the tracer warns about every Python-level check it cannot record (shape asserts in our quantizers)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own logging helper
@@ -416,7 +408,7 @@ def export_onnx(
                     raise ONNXExportError(f"torch.onnx.export (opset {opset}) failed: "
                                           f"{str(err).strip().splitlines()[0]}") from err
                 where = _where_op_runs(model, args, op)
-                at = f" in {_listing(where)}" if where else ""
+                at = f" in {listing(where)}" if where else ""
                 raise ONNXExportError(f"the ONNX exporter cannot translate the op {op!r}{at} (opset {opset}); "
                                       "replace that computation, or register a custom symbolic "
                                       "(torch.onnx.register_custom_op_symbolic)") from None
@@ -424,14 +416,12 @@ def export_onnx(
         onnx.checker.check_model(tmp)
         os.replace(tmp, path)
     finally:
-        for m, flag in flags:
-            m.training = flag
         if os.path.exists(tmp):
             os.remove(tmp)
     counts = op_counts(path)
     if quantizers and counts.get("BatchNormalization") and not keep_batchnorm:
         batchnorms = [n for n, m in model.named_modules() if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)]
-        warnings.warn(f"{counts['BatchNormalization']} BatchNorm layer(s) ({_listing(batchnorms, 3)}) stay in the Q/DQ "
+        warnings.warn(f"{counts['BatchNormalization']} BatchNorm layer(s) ({listing(batchnorms, 3)}) stay in the Q/DQ "
                       "graph: neither the exporter nor ONNX Runtime folds a BatchNorm into a conv whose weight is "
                       "quantized, so those convs run in float. Fold first (fusionlib.fx.fuse_conv_bn), then quantize.",
                       stacklevel=2)
@@ -546,6 +536,19 @@ def node_rows(model_or_path: Any, limit: int | None = 12) -> list[list[str]]:
     return rows
 
 
+def constant_values(model_or_path: Any) -> dict[str, Any]:
+    """Every constant tensor of a graph as a numpy array, by name: its initializers and its ``Constant`` nodes."""
+    onnx, _ = _require()
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_or_path)).graph if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
 def compact_qdq(path: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
     """Store every quantized constant as integers: ``QuantizeLinear(W)`` of an initializer becomes an int8 initializer.
 
@@ -563,22 +566,14 @@ def compact_qdq(path: str | os.PathLike, out_path: str | os.PathLike | None = No
     out = Path(out_path) if out_path is not None else path.with_name(f"{path.stem}.int8.onnx")
     model = onnx.load(str(path))
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-
-    def value(name: str) -> np.ndarray | None:
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        node = constants.get(name)
-        return numpy_helper.to_array(node.attribute[0].t) if node is not None and node.attribute[0].name == "value" else None
-
+    initializers = {t.name for t in graph.initializer}
+    values = constant_values(model)
     removed, new_initializers = [], []
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers or len(node.input) < 3:
+        if (node.op_type != "QuantizeLinear" or node.input[0] not in initializers or len(node.input) < 3
+                or node.input[1] not in values or node.input[2] not in values):
             continue
-        w, scale, zero_point = value(node.input[0]), value(node.input[1]), value(node.input[2])
-        if scale is None or zero_point is None:
-            continue
+        w, scale, zero_point = (values[name] for name in node.input[:3])
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         if scale.size > 1:  # per channel: broadcast along axis
             shape = [1] * w.ndim

@@ -9,7 +9,7 @@ from __future__ import annotations
 from numbers import Real
 from typing import Any, Iterable, Sequence
 
-__all__ = ["format_table", "progress"]
+__all__ = ["format_table", "listing", "progress"]
 
 
 def _is_number(value: Any) -> bool:
@@ -38,6 +38,14 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]], floatfmt:
         colalign = ["right" if is_num else "left" for is_num in numeric]
     return tabulate(cells, headers=list(header), tablefmt="simple", colalign=colalign,
                     maxcolwidths=maxcolwidths, disable_numparse=True)
+
+
+def listing(names: Sequence[str], limit: int | None = 8) -> str:
+    """``"a, b, c"``, or the first ``limit`` names and ``"... and N more"`` (``None``: all)."""
+    names = list(names)
+    if limit is None or len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... and {len(names) - limit} more"
 
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True,

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from fusionlib.display import format_table
+from fusionlib.display import format_table, listing
 from fusionlib.modules import eval_mode
 
 
@@ -281,12 +281,12 @@ class LayerReport:
         if len(rows) < len(self.layers):
             lines.append(f"({len(rows)} of {len(self.layers)} layer calls shown)")
         if self.reference_only:
-            lines.append(f"reference layers without a counterpart ({len(self.reference_only)}): " + _listing([
+            lines.append(f"reference layers without a counterpart ({len(self.reference_only)}): " + listing([
                 f"{name} (folded into {self.folded_into[name]})" if name in self.folded_into else name
                 for name in self.reference_only], max_listed))
         if self.candidate_only:
             lines.append(f"candidate layers without a counterpart ({len(self.candidate_only)}): "
-                         + _listing(self.candidate_only, max_listed))
+                         + listing(self.candidate_only, max_listed))
         lines.append(str(self.output))
         return "\n".join(lines)
 
@@ -319,12 +319,6 @@ class LayerReport:
             if label is not None or bad:
                 ax.legend(fontsize=8)
         return axes
-
-
-def _listing(names: list[str], limit: int | None) -> str:
-    if limit is None or len(names) <= limit:
-        return ", ".join(names)
-    return ", ".join(names[:limit]) + f", ... and {len(names) - limit} more"
 
 
 def _fold_mapping(candidate: nn.Module) -> dict[str, str]:

@@ -14,6 +14,7 @@ from model_fingerprint import assert_unchanged, fingerprint
 from fusionlib import deploy, lora, models, reparam
 from fusionlib.fx import fuse_conv_bn, optimize_for_inference
 from fusionlib.quant import QuantDescriptor, TensorQuantizer, calibrate, quantize_model, quantizers
+from fusionlib.quant.ptq import weight_quantizer_ids
 from fusionlib.quant.qat import prepare_qat
 from fusionlib.verify import compare_outputs
 
@@ -96,20 +97,6 @@ def test_reparameterized_and_lora_merged_models_export(digits, tmp_path):
     assert result.passed, result
 
 
-def _initializers(model_proto) -> dict[str, np.ndarray]:
-    return {t.name: onnx.numpy_helper.to_array(t) for t in model_proto.graph.initializer}
-
-
-def _constant(model_proto, name: str) -> np.ndarray:
-    values = _initializers(model_proto)
-    if name in values:
-        return values[name]
-    for node in model_proto.graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            return onnx.numpy_helper.to_array(node.attribute[0].t)
-    raise KeyError(name)
-
-
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("weights", ["per_tensor", "per_channel"])
 def test_qdq_export_matches_fake_quant_model(name, weights, digits, tmp_path):
@@ -122,20 +109,16 @@ def test_qdq_export_matches_fake_quant_model(name, weights, digits, tmp_path):
     assert report.qdq_pairs == len(quantizers(model)), report
 
     proto = onnx.load(str(report.path))
-    weight_q = {id(m.weight_quantizer) for m in model.modules() if hasattr(m, "weight_quantizer")}
-    axis_of = {}
+    values = deploy.constant_values(proto)
     scales = []
     for node in proto.graph.node:
         if node.op_type == "QuantizeLinear":
-            axis = [a.i for a in node.attribute if a.name == "axis"]
-            axis_of[node.name] = axis
-            scale = _constant(proto, node.input[1])
-            zero_point = _constant(proto, node.input[2])
+            zero_point = values[node.input[2]]
             assert not zero_point.any(), "symmetric: zero point 0"
             assert zero_point.dtype == np.int8  # signed quantizers throughout quantize_model's defaults
-            scales.append(scale)
+            scales.append(values[node.input[1]])
     per_channel = [s for s in scales if s.size > 1]
-    assert len(per_channel) == (len(weight_q) if weights == "per_channel" else 0)
+    assert len(per_channel) == (len(weight_quantizer_ids(model)) if weights == "per_channel" else 0)
     # scale = amax / qmax, quantizer by quantizer (same multiset of values)
     expected = sorted(float(s) for q in quantizers(model).values() for s in (q.amax / q.quant_max).flatten())
     got = sorted(float(s) for s in np.concatenate([np.atleast_1d(s) for s in scales]))
@@ -162,7 +145,8 @@ def test_qdq_export_of_unsigned_and_per_channel_axes(tmp_path):
     calibrate(model, [x])
     report = deploy.export_onnx(model, x[:1], tmp_path / "small.onnx")
     proto = onnx.load(str(report.path))
-    zps = {n.name: _constant(proto, n.input[2]) for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    values = deploy.constant_values(proto)
+    zps = {n.name: values[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
     assert sorted(str(z.dtype) for z in zps.values()) == ["int8", "int8", "int8", "uint8"]
     axes = sorted(a.i for n in proto.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis")
     assert axes == [0, 0]  # conv weight [C_out, ...] and linear weight [out, in] quantized per row
@@ -270,7 +254,8 @@ def test_uint8_activations_store_the_same_values_and_give_mobilenet_v2_int8_kern
     files = {act: deploy.compact_qdq(deploy.export_onnx(model, digits[:1], tmp_path / f"{act}.onnx", activations=act).path)
              for act in ("int8", "uint8")}
     proto = onnx.load(str(files["uint8"]))
-    zero_points = [(_constant(proto, n.input[2]).dtype.name, int(_constant(proto, n.input[2]).flatten()[0]))
+    values = deploy.constant_values(proto)
+    zero_points = [(values[n.input[2]].dtype.name, int(values[n.input[2]].flatten()[0]))
                    for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     assert ("uint8", 128) in zero_points and ("uint8", 0) in zero_points   # shifted signed, and ReLU6 outputs
     assert ("int8", 0) in zero_points                                      # weights stay int8

@@ -17,3 +17,11 @@ def test_long_cells_wrap_within_maxcolwidths():
     text = format_table(["name", "figures"], [["a", "x=1, " * 40]], maxcolwidths=[None, 30])
     assert max(len(line) for line in text.splitlines()) <= len("name") + 2 + 2 + 30
     assert len(text.splitlines()) > 3
+
+
+def test_listing_shows_the_first_names_and_counts_the_rest():
+    from fusionlib.display import listing
+
+    assert listing(["a", "b"]) == "a, b"
+    assert listing([f"q{i}" for i in range(10)], 3) == "q0, q1, q2, ... and 7 more"
+    assert listing([f"q{i}" for i in range(10)], None).count(",") == 9

@@ -65,6 +65,7 @@ __all__ = [
     "CALIBRATE_METHODS",
     "quantizers",
     "quant_layers",
+    "weight_quantizer_ids",
     "disabled_quantizers",
     "keep_float",
     "calibrate",
@@ -153,7 +154,8 @@ def _check_method(method: str, kwargs: dict[str, Any]) -> None:
                         (f"only the options {list(allowed)}" if allowed else "no options") + f", got {bad}")
 
 
-def _weight_quantizer_ids(model: nn.Module) -> set[int]:
+def weight_quantizer_ids(model: nn.Module) -> set[int]:
+    """ids of the quantizers that quantize a weight (every quant layer's ``weight_quantizer``)."""
     return {id(m.weight_quantizer) for m in model.modules() if isinstance(m, QuantMixin) and hasattr(m, "weight_quantizer")}
 
 
@@ -251,7 +253,7 @@ def calibrate(
         raise ValueError("calibrate: every quantizer of the model is disabled; enable() the ones to calibrate")
 
     switches = {name: (q.quant_enabled, q.calib_enabled, q.calibrator) for name, q in active.items()}
-    weight_ids = _weight_quantizer_ids(model)
+    weight_ids = weight_quantizer_ids(model)
     device = _model_device(model)
     seen = 0
     try:
@@ -292,7 +294,7 @@ def load_calib_amax(model: nn.Module, method: str = "max", **kwargs: Any) -> dic
     named = _require_quantizers(model, "load_calib_amax")
     _check_method(method, kwargs)
     active = {name: q for name, q in named.items() if not q.disabled}
-    weight_ids = _weight_quantizer_ids(model)
+    weight_ids = weight_quantizer_ids(model)
     wrong = [name for name, q in active.items()
              if isinstance(q.calibrator, HistogramCalibrator) != _uses_histogram(q, method, weight_ids)]
     if wrong:
