@@ -333,35 +333,18 @@ def trained_run(
         seed_everything(seed)
         return build(name, num_classes=10, small_input=True, dropout=float(dropout))
 
-    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        model = fresh_model()
-        model.load_state_dict(entry["state_dict"])
-        return model.eval(), dict(entry["metrics"], cached=True, path=str(path))
+    def train(model: nn.Module) -> dict[str, Any]:
+        train_loader, test_loader = digits_loaders(batch_size=batch_size, image_size=image_size, seed=seed)
+        step = RDropStep(alpha, concat=concat, reduction=reduction) if alpha > 0 else None
+        start = time.perf_counter()
+        history = fit(model, train_loader, epochs, lr=params["lr"], seed=seed, test_loader=test_loader,
+                      progress=progress, step=step)
+        seconds = time.perf_counter() - start
+        if step is not None:
+            for row, terms in zip(history, step.epoch_means(len(train_loader))):
+                row.update(terms)
+        return {"test_accuracy": history[-1]["test_acc"], "train_seconds": seconds,
+                "seconds_per_epoch": sum(r["seconds"] for r in history) / len(history),
+                "history": history, "params": params, "key": key}
 
-    cached = zoo.load_cached(path, restore) if use_cache else None
-    if cached is not None:
-        return cached
-
-    model = fresh_model()
-    train_loader, test_loader = digits_loaders(batch_size=batch_size, image_size=image_size, seed=seed)
-    step = RDropStep(alpha, concat=concat, reduction=reduction) if alpha > 0 else None
-    start = time.perf_counter()
-    history = fit(model, train_loader, epochs, lr=params["lr"], seed=seed, test_loader=test_loader,
-                  progress=progress, step=step)
-    seconds = time.perf_counter() - start
-    if step is not None:
-        for row, terms in zip(history, step.epoch_means(len(train_loader))):
-            row.update(terms)
-    metrics: dict[str, Any] = {
-        "test_accuracy": history[-1]["test_acc"],
-        "train_seconds": seconds,
-        "seconds_per_epoch": sum(r["seconds"] for r in history) / len(history),
-        "history": history,
-        "params": params,
-        "key": key,
-    }
-    model.eval()
-    if use_cache:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        zoo.save_cached({"state_dict": state, "metrics": metrics}, path)
-    return model, dict(metrics, cached=False, path=str(path))
+    return zoo.cached_training(path, fresh_model, train, use_cache)

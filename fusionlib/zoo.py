@@ -28,7 +28,8 @@ from torchvision.models.resnet import ResNet
 
 from fusionlib.modules import set_submodule
 
-__all__ = ["CACHE_VERSION", "DEFAULT_LR", "cache_dir", "cache_key", "load_cached", "save_cached", "trained_model"]
+__all__ = ["CACHE_VERSION", "DEFAULT_LR", "cache_dir", "cache_key", "load_cached", "save_cached", "cached_training",
+           "trained_model"]
 
 T = TypeVar("T")
 
@@ -143,44 +144,51 @@ def trained_model(
             _set_input_channels(model, channels)
         return model
 
+    def train(model: nn.Module) -> dict[str, Any]:
+        if progress:
+            print(f"Training {name} on the digits ({epochs} epoch(s), {image_size}x{image_size}, seed {seed}): "
+                  f"not in the cache {cache_dir()} yet. About {training_seconds_estimate(name, epochs, image_size):.0f} s "
+                  f"on one CPU thread; later calls with these parameters load it in a moment.")
+        train_loader, test_loader = digits_loaders(
+            batch_size=batch_size, image_size=image_size, channels=channels, test_fraction=test_fraction, seed=seed
+        )
+        start = time.perf_counter()
+        history = fit(model, train_loader, epochs, lr=params["lr"], seed=seed, test_loader=test_loader,
+                      progress=progress, momentum=momentum, weight_decay=weight_decay)
+        return {"test_accuracy": history[-1]["test_acc"], "train_seconds": time.perf_counter() - start,
+                "epochs": epochs, "history": history, "params": params, "key": key}
+
+    return cached_training(path, fresh_model, train, use_cache)
+
+
+def cached_training(
+    path: Path,
+    fresh_model: Callable[[], nn.Module],
+    train: Callable[[nn.Module], dict[str, Any]],
+    use_cache: bool = True,
+    restored: Callable[[nn.Module], object] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model.eval(), metrics)``: ``fresh_model()`` with the state dict cached at ``path``, else trained and cached.
+
+    ``train(model)`` trains in place and returns the metrics; the state dict
+    and metrics are then saved with :func:`save_cached` (unless ``use_cache``
+    is False, which neither reads nor writes). ``restored(model)`` runs after
+    a cached state dict is loaded (state that is not in it, e.g. a flag).
+    ``metrics`` gets ``cached`` and ``path``. A stale or corrupt entry warns
+    and is trained again (:func:`load_cached`).
+    """
     def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
         model = fresh_model()
         model.load_state_dict(entry["state_dict"])
+        if restored is not None:
+            restored(model)
         return model.eval(), dict(entry["metrics"], cached=True, path=str(path))
 
     cached = load_cached(path, restore) if use_cache else None
     if cached is not None:
         return cached
-
     model = fresh_model()
-    if progress:
-        print(f"Training {name} on the digits ({epochs} epoch(s), {image_size}x{image_size}, seed {seed}): "
-              f"not in the cache {cache_dir()} yet. About {training_seconds_estimate(name, epochs, image_size):.0f} s "
-              f"on one CPU thread; later calls with these parameters load it in a moment.")
-
-    train_loader, test_loader = digits_loaders(
-        batch_size=batch_size, image_size=image_size, channels=channels, test_fraction=test_fraction, seed=seed
-    )
-    start = time.perf_counter()
-    history = fit(
-        model,
-        train_loader,
-        epochs,
-        lr=params["lr"],
-        seed=seed,
-        test_loader=test_loader,
-        progress=progress,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
-    metrics: dict[str, Any] = {
-        "test_accuracy": history[-1]["test_acc"],
-        "train_seconds": time.perf_counter() - start,
-        "epochs": epochs,
-        "history": history,
-        "params": params,
-        "key": key,
-    }
+    metrics = train(model)
     model.eval()
     if use_cache:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -52,6 +52,7 @@ from fusionlib.quant.qat import (
     QATConv2d,
     QATConvBn2d,
     QATLinear,
+    _output_anchor,
     is_relu,
     is_tensor_add,
     keeps_grid,
@@ -172,10 +173,7 @@ def convert_int8(qat_model: fx.GraphModule, example_inputs: torch.Tensor | Seque
     fused_relu: set[fx.Node] = set()
 
     def output_quantizer(n: fx.Node) -> tuple[TensorQuantizer, fx.Node | None]:
-        anchor = n
-        users = list(n.users)
-        if len(users) == 1 and is_relu(users[0], modules) and users[0].name in quantizer_after:
-            anchor = users[0]
+        anchor, _ = _output_anchor(n, modules)  # where prepare_qat put it: after an only-user ReLU, else after n
         if anchor.name not in quantizer_after:
             raise ValueError(f"convert_int8: {n.name} has no output quantizer; was the graph made by prepare_qat?")
         return modules[quantizer_after[anchor.name].target], (anchor if anchor is not n else None)

@@ -373,24 +373,19 @@ def layer_sensitivity(
         with eval_mode(model), torch.no_grad():
             return float(evaluate_fn(model))
 
-    saved = {q: q.disabled for q in named.values()}
+    enabled = {q for q in named.values() if not q.disabled}
     rows = []
-    try:
-        quantized_metric = measure()
-        for q in named.values():
-            q.disable()
+    quantized_metric = measure()
+    with disabled_quantizers(model):  # every switch restored on exit, also on error
         float_metric = measure()
         for name in progress_bar(names, desc="layer sensitivity", enabled=progress):
-            chosen = [q for q in _layer_quantizers(layers[name]) if not saved[q]]
+            chosen = [q for q in _layer_quantizers(layers[name]) if q in enabled]
             for q in chosen:
                 q.enable()
             metric = measure()
             for q in chosen:
                 q.disable()
             rows.append(LayerSensitivity(name, metric, float_metric - metric))
-    finally:
-        for q, was_disabled in saved.items():
-            q.disable() if was_disabled else q.enable()
     rows.sort(key=lambda r: -r.drop)  # stable: ties keep model order
     return SensitivityReport(float_metric, quantized_metric, rows)
 

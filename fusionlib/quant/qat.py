@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -72,7 +73,7 @@ from fusionlib.quant.descriptor import (
     QUANT_DESC_8BIT_PER_TENSOR,
     QuantDescriptor,
 )
-from fusionlib.quant.modules import QuantMixin, _check_descriptor
+from fusionlib.quant.modules import _CONV_ARGS, QuantMixin, _check_descriptor
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 
 __all__ = [
@@ -179,48 +180,41 @@ class QATConvBn2d(QuantMixin, nn.Module):
         return f"relu={self.relu}, freeze_bn={self.freeze_bn}"
 
 
-class QATConv2d(QuantMixin, nn.Conv2d):
-    """A Conv2d whose weight is fake-quantized (a conv without a BatchNorm after it); activations are quantized in the graph."""
+class _WeightQuantized(QuantMixin):
+    """A float layer whose weight alone is fake-quantized; its activation quantizers live in the graph."""
 
     quantizer_names = ("weight_quantizer",)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, weight_desc: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL):
-        c = conv
+    def from_layer(cls, layer: nn.Module, weight_desc: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL):
+        """A copy of ``layer`` (its hyperparameters ``_float_args``, parameters and train flag) with a weight quantizer."""
+        kwargs = {name: getattr(layer, name) for name in cls._float_args}
         with torch.random.fork_rng(devices=[]):
-            new = cls(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
-                      bias=c.bias is not None, padding_mode=c.padding_mode, device=c.weight.device, dtype=c.weight.dtype)
+            new = cls(**kwargs, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
         new.weight_quantizer = TensorQuantizer(_check_descriptor(weight_desc, "weight_desc"))
-        new.load_state_dict(c.state_dict(), strict=False)
+        new.load_state_dict(layer.state_dict(), strict=False)
         new._missing_quantizer_keys = ()
-        new.weight.requires_grad_(c.weight.requires_grad)
-        return new.train(c.training)
+        for name, param in layer.named_parameters(recurse=False):
+            getattr(new, name).requires_grad_(param.requires_grad)
+        return new.train(layer.training)
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
+
+
+class QATConv2d(_WeightQuantized, nn.Conv2d):
+    """A Conv2d whose weight is fake-quantized (a conv without a BatchNorm after it); activations are quantized in the graph."""
+
+    _float_args = _CONV_ARGS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
 
-class QATLinear(QuantMixin, nn.Linear):
+class QATLinear(_WeightQuantized, nn.Linear):
     """A Linear whose weight is fake-quantized (per row by default); activations are quantized in the graph."""
 
-    quantizer_names = ("weight_quantizer",)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_desc: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL):
-        lin = linear
-        with torch.random.fork_rng(devices=[]):
-            new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                      device=lin.weight.device, dtype=lin.weight.dtype)
-        new.weight_quantizer = TensorQuantizer(_check_descriptor(weight_desc, "weight_desc"))
-        new.load_state_dict(lin.state_dict(), strict=False)
-        new._missing_quantizer_keys = ()
-        return new.train(lin.training)
-
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+    _float_args = ("in_features", "out_features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
@@ -407,8 +401,7 @@ def prepare_qat(
         new_modules[conv.target] = QATConvBn2d(modules[conv.target], modules[bn.target], relu is not None, weight_desc)
     for n in lone:
         m = modules[n.target]
-        new_modules[n.target] = (QATConv2d.from_conv(m, weight_desc) if isinstance(m, nn.Conv2d)
-                                 else QATLinear.from_linear(m, weight_desc))
+        new_modules[n.target] = (QATConv2d if isinstance(m, nn.Conv2d) else QATLinear).from_layer(m, weight_desc)
     unsigned_desc = input_desc.replace(unsigned=True)
     for n in gm.graph.nodes:  # other ops that have no int8 kernel here are noted, not failed
         if n.op in ("call_module", "call_function", "call_method") and id(n) not in in_chain and n not in lone:
@@ -623,36 +616,26 @@ def trained_qat_model(
     weight_desc = QuantDescriptor(num_bits=int(weight_bits), axis=0, learn_amax=bool(learn_amax))
     input_desc = QuantDescriptor(num_bits=8, learn_amax=bool(learn_amax))
 
+    frozen = freeze_bn_epoch is not None and freeze_bn_epoch <= epochs  # BN statistics frozen by the end
+
     def fresh() -> fx.GraphModule:
         return prepare_qat(fp32, example, weight_desc=weight_desc, input_desc=input_desc)
 
-    def restore(entry: dict[str, Any]) -> tuple[fx.GraphModule, dict[str, Any]]:
-        gm = fresh()
-        gm.load_state_dict(entry["state_dict"])
-        if freeze_bn_epoch is not None and freeze_bn_epoch <= epochs:
+    def train(gm: fx.GraphModule) -> dict[str, Any]:
+        seed_everything(seed)
+        calibrate(gm, train_loader, num_batches=calib_batches)
+        ptq_accuracy = evaluate(gm.eval(), test_loader)
+        start = time.perf_counter()
+        live = epochs if freeze_bn_epoch is None else min(freeze_bn_epoch, epochs)
+        history = fit(gm, train_loader, live, lr=lr, seed=seed, test_loader=test_loader, progress=progress) if live else []
+        if frozen:
             freeze_bn_stats(gm)
-        return gm.eval(), dict(entry["metrics"], cached=True, path=str(path))
+            if epochs > live:
+                more = fit(gm, train_loader, epochs - live, lr=lr, seed=seed + 1, test_loader=test_loader, progress=progress)
+                history += [dict(row, epoch=row["epoch"] + live) for row in more]
+        return {"ptq_accuracy": ptq_accuracy, "test_accuracy": evaluate(gm.eval(), test_loader),
+                "fp32_accuracy": fp32_metrics["test_accuracy"], "history": history,
+                "train_seconds": time.perf_counter() - start, "params": params, "key": key}
 
-    cached = zoo.load_cached(path, restore) if use_cache else None  # a stale or corrupt entry warns, then retrains
-    if cached is not None:
-        return cached
-    gm = fresh()
-    seed_everything(seed)
-    calibrate(gm, train_loader, num_batches=calib_batches)
-    ptq_accuracy = evaluate(gm.eval(), test_loader)
-    import time
-    start = time.perf_counter()
-    live = epochs if freeze_bn_epoch is None else min(freeze_bn_epoch, epochs)
-    history = fit(gm, train_loader, live, lr=lr, seed=seed, test_loader=test_loader, progress=progress) if live else []
-    if freeze_bn_epoch is not None and freeze_bn_epoch <= epochs:
-        freeze_bn_stats(gm)
-        if epochs > live:
-            more = fit(gm, train_loader, epochs - live, lr=lr, seed=seed + 1, test_loader=test_loader, progress=progress)
-            history += [dict(row, epoch=row["epoch"] + live) for row in more]
-    metrics = {"ptq_accuracy": ptq_accuracy, "test_accuracy": evaluate(gm.eval(), test_loader),
-               "fp32_accuracy": fp32_metrics["test_accuracy"], "history": history,
-               "train_seconds": time.perf_counter() - start, "params": params, "key": key}
-    if use_cache:
-        state = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-        zoo.save_cached({"state_dict": state, "metrics": metrics}, path)
-    return gm.eval(), dict(metrics, cached=False, path=str(path))
+    # the freeze flag is not in the state dict: a cached model gets it back after loading
+    return zoo.cached_training(path, fresh, train, use_cache, restored=freeze_bn_stats if frozen else None)
