@@ -56,7 +56,7 @@ import functools
 import math
 import sys
 from contextvars import ContextVar
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
@@ -107,11 +107,16 @@ def fuse_conv_bn_weights(
     ``requires_grad`` of ``conv_w``; bias dtype of ``conv_b``, or of the
     weight when there was no bias).
     """
+    return _rounded_fold(_fold_bn_after, conv_w, conv_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b, transpose)
+
+
+def _rounded_fold(fold: Callable[..., tuple[torch.Tensor, torch.Tensor]], conv_w: torch.Tensor,
+                  conv_b: torch.Tensor | None, *args: Any) -> tuple[nn.Parameter, nn.Parameter]:
+    """``fold(weight, bias, *args)`` in the compute dtype (float64 except on MPS), rounded once as Parameters."""
     with torch.no_grad():
         dtype = _compute_dtype(conv_w)
         bias = None if conv_b is None else conv_b.detach().to(dtype)
-        fused_w, fused_b = _fold_bn_after(conv_w.detach().to(dtype), bias,
-                                          bn_rm, bn_rv, bn_eps, bn_w, bn_b, transpose)
+        fused_w, fused_b = fold(conv_w.detach().to(dtype), bias, *args)
     return _as_parameters(fused_w, fused_b, conv_w, conv_b)
 
 
@@ -147,12 +152,7 @@ def fuse_bn_conv_weights(
     in the conv). Exact only when the conv adds no padding (see the module docstring).
     Arithmetic in float64, rounded once to the input dtypes.
     """
-    with torch.no_grad():
-        dtype = _compute_dtype(conv_w)
-        bias = None if conv_b is None else conv_b.detach().to(dtype)
-        fused_w, fused_b = _fold_bn_before(conv_w.detach().to(dtype), bias,
-                                           bn_rm, bn_rv, bn_eps, bn_w, bn_b, groups)
-    return _as_parameters(fused_w, fused_b, conv_w, conv_b)
+    return _rounded_fold(_fold_bn_before, conv_w, conv_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b, groups)
 
 
 def _fold_bn_before(weight: torch.Tensor, bias: torch.Tensor | None, bn_rm: torch.Tensor, bn_rv: torch.Tensor,
