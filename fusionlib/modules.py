@@ -5,17 +5,27 @@
 * :func:`require_eval_mode` -- a clear error naming the modules still in
   training mode (BatchNorm folding needs running statistics);
 * :func:`set_submodule` -- ``root.<dotted.name> = new``, via torch's
-  ``nn.Module.set_submodule``.
+  ``nn.Module.set_submodule``;
+* :func:`carry_forward_hooks` / :func:`warn_dropped_hooks` -- the hook policy
+  of every transform that replaces or removes a module: a replacement keeps
+  the replaced module's forward pre-hooks and forward hooks; a hook on a
+  module that disappears is named in a warning (or an error, where the
+  transform cannot keep its meaning).
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
+from collections import OrderedDict
 from typing import Iterator
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["eval_mode", "require_eval_mode", "set_submodule"]
+__all__ = ["eval_mode", "require_eval_mode", "set_submodule", "carry_forward_hooks", "warn_dropped_hooks",
+           "hook_names"]
 
 
 @contextlib.contextmanager
@@ -56,3 +66,74 @@ def require_eval_mode(model: nn.Module, what: str, because: str) -> None:
 def set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
     """``root.<qualname> = new`` for a dotted name (``layer1.0.conv1``), with torch's ``set_submodule``."""
     root.set_submodule(qualname, new)
+
+
+# --------------------------------------------------------------------------
+# The hook policy: replaced modules hand their hooks on, removed ones say so
+# --------------------------------------------------------------------------
+# torch keeps each kind of hook in an OrderedDict {handle id: hook}; the flags
+# (with_kwargs, always_call) live in side dicts keyed by the same id.
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+                       "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
+               "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+
+
+def hook_names(module: nn.Module, kinds: tuple[str, ...] = tuple(_HOOK_KINDS)) -> list[str]:
+    """``["forward hook 'log'", ...]``: the hooks of ``module`` of these kinds (attribute names), in order."""
+    return [f"{_HOOK_KINDS[kind]} {getattr(hook, '__qualname__', None) or repr(hook)!r}"
+            for kind in kinds for hook in getattr(module, kind, {}).values()]
+
+
+def carry_forward_hooks(old: nn.Module, new: nn.Module, name: str = "") -> None:
+    """Give ``new`` (the replacement) the forward pre-hooks and forward hooks of ``old``.
+
+    The ``with_kwargs`` / ``always_call`` flags come along, and hooks run in
+    the order they were registered (``old``'s first). Where ``new`` has no
+    hooks of a kind, it takes ``old``'s dict itself, so the handles that
+    ``register_forward_hook`` returned still remove them. Backward hooks are
+    not carried: each one is named in a warning (:func:`warn_dropped_hooks`),
+    with ``name`` (the module's name in its model) when given.
+    """
+    if old is new:
+        return
+    for kind in _FORWARD_HOOK_DICTS:
+        theirs = getattr(old, kind, None)
+        if not theirs:
+            continue
+        mine = getattr(new, kind, None)
+        if not mine:
+            setattr(new, kind, theirs)
+        else:  # old's hooks first, then the ones new already had
+            setattr(new, kind, OrderedDict([*theirs.items(), *mine.items()]))
+    warn_dropped_hooks(old, name or "<module>", f"it is replaced by a {type(new).__name__}, which keeps only "
+                       "forward pre-hooks and forward hooks", kinds=("_backward_pre_hooks", "_backward_hooks"))
+
+
+def _first_frame_outside_fusionlib() -> int:
+    """The ``warnings`` stacklevel of the first caller outside the fusionlib package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_dropped_hooks(module: nn.Module, name: str, why: str, *, error: bool = False,
+                       kinds: tuple[str, ...] = tuple(_HOOK_KINDS)) -> None:
+    """Name every hook of ``module`` (called ``name`` in its model) that a transform drops, and why.
+
+    One ``UserWarning`` per hook; with ``error=True`` a ``ValueError`` listing
+    them instead (the transform cannot keep the hooks' meaning, so it must not
+    run). Nothing happens when the module has no hooks of these ``kinds``.
+    """
+    hooks = hook_names(module, kinds)
+    if not hooks:
+        return
+    if error:
+        raise ValueError(f"'{name}' ({type(module).__name__}) carries {', '.join(hooks)}, which cannot be kept: "
+                         f"{why}. Remove the hooks (handle.remove()) and register them again afterwards.")
+    for hook in hooks:
+        warnings.warn(f"The {hook} on '{name}' ({type(module).__name__}) is dropped: {why}. Register it on "
+                      "the module that replaces it if you still need it.", UserWarning,
+                      stacklevel=_first_frame_outside_fusionlib())
