@@ -60,13 +60,13 @@ lab-student: check-env
 	$(LAB_ENV) $(PY) -m jupyter lab $(LAB_FLAGS) student
 
 # Workshop handout: solutions replaced by stubs, written answers by prompts, outputs cleared.
-# Never overwrites a notebook a student edited; `make student FORCE=1` does, after a backup.
+# Never overwrites a notebook a student edited; `make student FORCE=1` does, after a backup (FORCE=0 does not).
 student: $(STAMP)
-	$(PY) -m fusionlib.editions notebooks student $(if $(FORCE),--force)
+	$(PY) -m fusionlib.editions notebooks student $(if $(filter 1 yes true,$(FORCE)),--force)
 
 # For the facilitator: the full notebooks and facilitator/answers.md (every solution and written answer).
 facilitator: $(STAMP)
-	$(PY) -m fusionlib.editions --edition facilitator notebooks facilitator $(if $(FORCE),--force)
+	$(PY) -m fusionlib.editions --edition facilitator notebooks facilitator $(if $(filter 1 yes true,$(FORCE)),--force)
 
 # Keeps student/ (student work) and facilitator/.
 clean:

@@ -209,14 +209,21 @@ def _require_attempted(value: Any, name: str) -> None:
         raise NotAttempted(f"{name} is still exercises.TODO")
 
 
-def expect_equal(actual: Any, expected: Any, *, name: str, hint: str = "") -> None:
-    """``actual == expected``, or ``"<name> is <actual>, expected <expected>. <hint>"``."""
-    _require_attempted(actual, name)
+def _equal(actual: Any, expected: Any) -> bool:
+    """``actual == expected``, except that a bool equals only a bool (Python's ``True == 1`` is a trap here)."""
     if isinstance(actual, torch.Tensor) or isinstance(expected, torch.Tensor):
-        equal = torch.equal(torch.as_tensor(actual), torch.as_tensor(expected))
-    else:
-        equal = actual == expected
-    if not equal:
+        return torch.equal(torch.as_tensor(actual), torch.as_tensor(expected))
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return type(actual) is type(expected) and actual == expected
+    if isinstance(actual, (list, tuple)) and type(actual) is type(expected):
+        return len(actual) == len(expected) and all(map(_equal, actual, expected))
+    return actual == expected
+
+
+def expect_equal(actual: Any, expected: Any, *, name: str, hint: str = "") -> None:
+    """``actual == expected`` (a bool only equals a bool), or ``"<name> is <actual>, expected <expected>. <hint>"``."""
+    _require_attempted(actual, name)
+    if not _equal(actual, expected):
         off = ""
         if isinstance(actual, (int, float)) and isinstance(expected, (int, float)) and not isinstance(actual, bool):
             diff = actual - expected

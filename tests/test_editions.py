@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -252,3 +253,11 @@ def test_makefile_keeps_student_work_and_offers_both_editions():
     for target in ("student", "facilitator", "lab-student", "lab"):
         assert re.search(rf"^{target}:", makefile, re.M), f"Makefile has no '{target}' target"
     assert "FORCE" in makefile and "--edition facilitator" in makefile
+
+
+@pytest.mark.parametrize("force, forced", [("0", False), ("", False), ("no", False), ("1", True), ("yes", True)])
+def test_make_force_zero_does_not_force(force, forced):
+    for target in ("student", "facilitator"):  # -n: print the commands; -o: never rebuild the venv
+        shown = subprocess.run(["make", "-n", "-o", ".venv/.installed", target, f"FORCE={force}"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+        assert ("--force" in shown) is forced, (target, force, shown)

@@ -266,3 +266,11 @@ def test_expect_type_and_equal_messages():
     exercises.expect_equal(torch.tensor([1, 2]), [1, 2], name="t")
     with pytest.raises(ExerciseError, match=r"groups is \[\['0', '1'\]\], expected"):
         exercises.expect_equal([["0", "1"]], [["0", "1", "2"]], name="groups")
+
+
+def test_expect_equal_tells_a_bool_from_a_number():
+    exercises.expect_equal(True, True, name="fused")
+    exercises.expect_equal([1, (2, 3)], [1, (2, 3)], name="xs")
+    for actual, expected in [(True, 1), (1, True), (0, False), ([1, True], [1, 1])]:
+        with pytest.raises(ExerciseError, match="is .*, expected"):
+            exercises.expect_equal(actual, expected, name="flag")
