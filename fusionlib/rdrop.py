@@ -28,10 +28,11 @@ digits with or without R-Drop and caches the result (notebook 12).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,13 @@ def _check_alpha(alpha: Any) -> None:
         raise ValueError(f"alpha weighs the KL term and must be a finite number >= 0, got {alpha!r}")
 
 
+@contextlib.contextmanager
+def _kl_precision(*logits: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The logits in float32 if float16 / bfloat16 (else as given), with autocast off while the KL is computed."""
+    with torch.autocast(logits[0].device.type, enabled=False):
+        yield tuple(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z for z in logits)
+
+
 def compute_kl_loss(
     p_logits: torch.Tensor,
     q_logits: torch.Tensor,
@@ -114,6 +122,15 @@ def compute_kl_loss(
     ``pad_mask`` (bool, True = ignore) must broadcast to the logits' shape,
     e.g. ``[B, T, 1]`` for sequence logits ``[B, T, V]``.
 
+    Precision: float16 / bfloat16 logits are converted to float32 first, and
+    the log-softmax, the products and the sum run in float32 with autocast off;
+    the loss is float32. In fp16 the sum overflows (a 4096 x 1000 batch's KL of
+    about 1e5 is past 65504), and for two near-identical passes the terms
+    ``Q (log Q - log P)`` cancel to a few units of u = 2^-8 (bf16): the reduced
+    answer can be 100x the exact one, or negative. float32 and float64 logits
+    are used as given (outside autocast), so float32 is the reference code
+    bit for bit.
+
     Note on ``alpha``: with ``"sum"`` the KL term grows with the batch size
     (and the sequence length), while the cross-entropy is a mean over samples,
     so the weight ``alpha`` of ``CE + alpha * KL`` means something different at
@@ -125,12 +142,13 @@ def compute_kl_loss(
     if pad_mask is not None:
         _check_pad_mask(pad_mask, p_logits.shape)
     _check_reduction(reduction)
-    p_loss = F.kl_div(F.log_softmax(p_logits, dim=-1), F.softmax(q_logits, dim=-1), reduction="none")
-    q_loss = F.kl_div(F.log_softmax(q_logits, dim=-1), F.softmax(p_logits, dim=-1), reduction="none")
-    if pad_mask is not None:
-        p_loss = p_loss.masked_fill(pad_mask, 0.0)
-        q_loss = q_loss.masked_fill(pad_mask, 0.0)
-    loss = (p_loss.sum() + q_loss.sum()) / 2
+    with _kl_precision(p_logits, q_logits) as (p_logits, q_logits):
+        p_loss = F.kl_div(F.log_softmax(p_logits, dim=-1), F.softmax(q_logits, dim=-1), reduction="none")
+        q_loss = F.kl_div(F.log_softmax(q_logits, dim=-1), F.softmax(p_logits, dim=-1), reduction="none")
+        if pad_mask is not None:
+            p_loss = p_loss.masked_fill(pad_mask, 0.0)
+            q_loss = q_loss.masked_fill(pad_mask, 0.0)
+        loss = (p_loss.sum() + q_loss.sum()) / 2
     if reduction == "batchmean":
         return loss / p_logits.shape[0] if p_logits.dim() > 1 else loss
     if reduction == "mean":
@@ -268,10 +286,14 @@ class RDropStep:
 
 
 def symmetric_kl_per_sample(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
-    """``KL_sym`` of every row (no reduction): ``[N, C]`` logits -> ``[N]``; for logging and measurement."""
+    """``KL_sym`` of every row (no reduction): ``[N, C]`` logits -> ``[N]``; for logging and measurement.
+
+    fp16 / bf16 logits are computed in float32, as in :func:`compute_kl_loss`.
+    """
     _check_logits(logits1, logits2)
-    lp, lq = F.log_softmax(logits1, dim=-1), F.log_softmax(logits2, dim=-1)
-    return 0.5 * ((lp.exp() * (lp - lq)).sum(-1) + (lq.exp() * (lq - lp)).sum(-1))
+    with _kl_precision(logits1, logits2) as (logits1, logits2):
+        lp, lq = F.log_softmax(logits1, dim=-1), F.log_softmax(logits2, dim=-1)
+        return 0.5 * ((lp.exp() * (lp - lq)).sum(-1) + (lq.exp() * (lq - lp)).sum(-1))
 
 
 def trained_run(

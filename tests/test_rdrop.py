@@ -62,6 +62,35 @@ def digits32():
 
 
 # ----------------------------------------------------------------------------- the KL term
+def test_reduced_precision_kl_is_computed_in_float32():
+    """fp16 logits whose KL sum passes 65504 stay finite; near-identical passes keep their tiny KL; per sample too."""
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(4096, 1000, generator=g) * 6, torch.randn(4096, 1000, generator=g) * 6
+    p16, q16 = p.half(), q.half()
+    exact = symmetric_kl_by_formula(p16, q16)
+    assert exact > 65504
+    kl = compute_kl_loss(p16, q16)
+    assert kl.dtype == torch.float32 and math.isclose(float(kl), float(exact), rel_tol=1e-4)
+    near = p[:8] + 1e-3 * torch.randn(8, 1000, generator=g)
+    for dtype in (torch.float16, torch.bfloat16):
+        a, b = p[:8].to(dtype), near.to(dtype)
+        exact = float(symmetric_kl_by_formula(a, b))  # float32 cancels to ~10% here; fp16 / bf16 were 100x off
+        assert math.isclose(float(compute_kl_loss(a, b)), exact, rel_tol=0.2), dtype
+        per_sample = rdrop.symmetric_kl_per_sample(a, b)
+        assert per_sample.dtype == torch.float32 and math.isclose(float(per_sample.sum()), exact, rel_tol=0.2)
+
+
+def test_kl_under_autocast_is_the_float32_answer():
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(8, 100, generator=g) * 4
+    q = p + 1e-3 * torch.randn(8, 100, generator=g)
+    expected = compute_kl_loss(p, q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(compute_kl_loss(p, q), expected)
+        assert torch.equal(compute_kl_loss(p.bfloat16(), q.bfloat16()), compute_kl_loss(p.bfloat16().float(),
+                                                                                        q.bfloat16().float()))
+
+
 @pytest.mark.parametrize("shape", [(4, 10), (3, 5, 7), (10,)])
 def test_compute_kl_loss_is_the_reference_code_exactly(shape):
     torch.manual_seed(0)
