@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from .folding import round_to_nearest
+from .modules import eval_mode
 
 __all__ = [
     "FloatFormat",
@@ -213,19 +214,21 @@ def _check_reduced(dtype: Any) -> None:
 
 
 class _CastInputs:
-    """Forward pre-hook: floating-point tensor inputs to ``dtype`` (and channels_last for 4-D)."""
+    """Forward pre-hook (``with_kwargs=True``): floating-point tensor inputs, positional or keyword, to
+    ``dtype`` (and channels_last for 4-D)."""
 
     def __init__(self, dtype: torch.dtype, channels_last: bool) -> None:
         self.dtype, self.channels_last = dtype, channels_last
 
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        def cast(a: Any) -> Any:
-            if isinstance(a, torch.Tensor) and a.is_floating_point():
-                a = a.to(self.dtype)
-                if self.channels_last and a.dim() == 4:
-                    a = a.contiguous(memory_format=torch.channels_last)
-            return a
-        return tuple(cast(a) for a in args)
+    def cast(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = a.to(self.dtype)
+            if self.channels_last and a.dim() == 4:
+                a = a.contiguous(memory_format=torch.channels_last)
+        return a
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return tuple(map(self.cast, args)), {key: self.cast(value) for key, value in kwargs.items()}
 
 
 class _CastOutputs:
@@ -259,7 +262,7 @@ def cast_model(model: nn.Module, dtype: torch.dtype, channels_last: bool = False
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if cast_io:
-        model.register_forward_pre_hook(_CastInputs(dtype, channels_last))
+        model.register_forward_pre_hook(_CastInputs(dtype, channels_last), with_kwargs=True)
         model.register_forward_hook(_CastOutputs(torch.float32))
     return model
 
@@ -276,7 +279,13 @@ def autocast(dtype: torch.dtype = torch.bfloat16, enabled: bool = True) -> torch
 
 
 class AutocastModel(nn.Module):
-    """Runs ``module`` under :func:`autocast` and returns a float32 output (to time and compare it)."""
+    """Runs ``module`` under :func:`autocast` and returns a float32 output (to time and compare it).
+
+    ``verify.layer_report`` names its layers by ``module``'s names (``layer_names_from``), so it compares
+    with the fp32 model without a mapping.
+    """
+
+    layer_names_from = "module"  #: the submodule whose names are this model's layer names
 
     def __init__(self, module: nn.Module, dtype: torch.dtype = torch.bfloat16, channels_last: bool = False) -> None:
         super().__init__()
@@ -284,12 +293,13 @@ class AutocastModel(nn.Module):
             raise ValueError(f"AutocastModel dtype must be torch.bfloat16 or torch.float16, got {dtype!r}")
         self.module, self.dtype, self.channels_last = module, dtype, channels_last
 
-    def forward(self, *args: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.channels_last:
-            args = tuple(a.contiguous(memory_format=torch.channels_last)
-                         if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+            def nhwc(a: Any) -> Any:
+                return a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+            args, kwargs = tuple(map(nhwc, args)), {key: nhwc(value) for key, value in kwargs.items()}
         with autocast(self.dtype):
-            out = self.module(*args)
+            out = self.module(*args, **kwargs)
         return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
@@ -458,8 +468,10 @@ def check_fast_path(model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype =
     """:func:`fast_path` of ``dtype``; where there is none, measure ``fp32 time / dtype time`` of ``model``
     (one thread, median of ``repeats`` after a warm-up) and warn with it (:class:`SlowPrecisionWarning`).
 
-    Returns ``(path, ratio)``; ``ratio`` is ``None`` when there is a fast path (nothing measured) or the
-    measurement itself failed (then the warning says so). Never raises: the notebooks run on any CPU.
+    Both run in eval mode (:func:`fusionlib.modules.eval_mode`: no dropout, BatchNorm statistics untouched;
+    every training flag restored). Returns ``(path, ratio)``; ``ratio`` is ``None`` when there is a fast path
+    (nothing measured) or the measurement itself failed (then the warning says so). Never raises: the
+    notebooks run on any CPU.
     """
     path = fast_path(dtype, flags)
     if path.fast:
@@ -470,7 +482,7 @@ def check_fast_path(model: nn.Module, inputs: torch.Tensor, dtype: torch.dtype =
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with torch.inference_mode():
+            with eval_mode(model, cast), torch.inference_mode():
                 model(inputs), cast(inputs)  # warm-up
                 base = _median_ms(lambda: model(inputs), repeats)
                 slow = _median_ms(lambda: cast(inputs), repeats)

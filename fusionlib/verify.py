@@ -327,6 +327,31 @@ def _fold_mapping(candidate: nn.Module) -> dict[str, str]:
     return {pair.layer: pair.bn for pair in getattr(report, "fused", [])}
 
 
+def _layer_root(model: nn.Module) -> nn.Module:
+    """The module whose names are ``model``'s layer names: ``model`` itself, or, for a wrapper that runs a
+    model differently (``precision.AutocastModel``), the submodule its ``layer_names_from`` attribute names."""
+    return model.get_submodule(getattr(model, "layer_names_from", ""))
+
+
+def _check_not_shared(reference: nn.Module, candidate: nn.Module) -> None:
+    """Refuse a candidate that shares module objects with the reference, naming the first one.
+
+    A hook on a shared module fires in both passes, so every call would be compared with itself (error 0).
+    """
+    ref_names: dict[int, str] = {}
+    for name, module in reference.named_modules(remove_duplicate=False):
+        ref_names.setdefault(id(module), name or "<root>")
+    shared = [(name or "<root>", ref_names[id(m)]) for name, m in candidate.named_modules()
+              if id(m) in ref_names]
+    if shared:
+        cand_name, ref_name = shared[0]
+        raise ValueError(
+            f"The candidate shares {len(shared)} module object(s) with the reference, e.g. candidate '{cand_name}' "
+            f"is reference '{ref_name}': every hook would fire in both passes and compare a layer with itself "
+            "(error 0). Compare with a copy: build the candidate from copy.deepcopy(reference) (cast_model with "
+            "inplace=False, precision.autocast_model).")
+
+
 def _leaf_names(model: nn.Module) -> list[str]:
     """Names of the modules without children, in module order."""
     return [name for name, module in model.named_modules() if name and not any(True for _ in module.children())]
@@ -361,7 +386,11 @@ def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mappin
     computes. Nothing is guessed: reference layers that no candidate layer of the same name (or mapped
     to them) reproduces, such as a folded BatchNorm, are listed in ``reference_only``; candidate leaves
     with no counterpart in ``candidate_only``.
-    A module called several times (a shared ReLU) is compared call by call.
+    A module called several times (a shared ReLU) is compared call by call. A wrapper that runs a model
+    differently and names its layers by the wrapped model's names (``layer_names_from``, as
+    ``precision.AutocastModel`` has) is compared by those names. A candidate that shares module objects
+    with the reference (``cast_model(..., inplace=True)``, ``AutocastModel(reference)``) raises
+    ``ValueError`` naming one: every layer would be compared with itself.
 
     Per layer: max relative error (max |a − b| / max |a|) and cosine similarity, in float64; inf / NaN in
     the candidate's activation is flagged (``first_nonfinite`` names the layer). Both models run in eval
@@ -371,17 +400,19 @@ def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mappin
     for label, model in (("reference", reference), ("candidate", candidate)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{label} must be an nn.Module, got {type(model).__name__}")
-    folds = _fold_mapping(candidate)
+    _check_not_shared(reference, candidate)
+    reference_root, candidate_root = _layer_root(reference), _layer_root(candidate)  # names; forwards run the models
+    folds = _fold_mapping(candidate_root)
     caller_mapping = dict(mapping or {})
     mapping = {**folds, **caller_mapping}
-    ref_modules = dict(reference.named_modules())
-    cand_modules = dict(candidate.named_modules())
+    ref_modules = dict(reference_root.named_modules())
+    cand_modules = dict(candidate_root.named_modules())
     for cand_name, ref_name in mapping.items():
         if ref_name not in ref_modules:
             raise ValueError(f"mapping[{cand_name!r}] = {ref_name!r}: the reference has no module named {ref_name!r}")
         if cand_name not in cand_modules:
             raise ValueError(f"mapping has key {cand_name!r}: the candidate has no module named {cand_name!r}")
-    ref_layers = set(_leaf_names(reference)) | set(mapping.values())
+    ref_layers = set(_leaf_names(reference_root)) | set(mapping.values())
     targets = {name: mapping.get(name, name) for name in cand_modules
                if name and mapping.get(name, name) in ref_layers}
     args = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -433,7 +464,7 @@ def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mappin
     # A folded BatchNorm is listed even though its folded conv is compared with its output.
     mapped_by_caller = {targets[name] for name in caller_mapping if name in targets}
     reference_only = [name for name in ran_reference if name not in ran_candidate and name not in mapped_by_caller]
-    candidate_only = [name for name in _leaf_names(candidate) if name not in targets]
+    candidate_only = [name for name in _leaf_names(candidate_root) if name not in targets]
     output = compare_outputs(expected, actual, rtol=rtol, name="output")
     mapped = {c: r for c, r in targets.items() if c != r}
     folded_into = {bn: layer for layer, bn in folds.items() if layer in ran_candidate}

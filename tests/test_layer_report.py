@@ -1,6 +1,7 @@
 """fusionlib.verify.layer_report: per-layer error of folded, cast and fake-quantized models, overflow, mapping."""
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 
@@ -90,6 +91,34 @@ def test_shared_modules_are_compared_call_by_call(digits):
     names = [layer.name for layer in report.layers]
     assert "layer1.0.relu" in names and "layer1.0.relu [2]" in names           # BasicBlock calls its ReLU twice
     assert names.index("layer1.0.relu") < names.index("layer1.0.relu [2]")
+
+
+def test_a_candidate_sharing_modules_with_the_reference_is_refused(digits):
+    torch.manual_seed(0)
+    model = models.build("resnet18").eval()
+    for candidate in (P.AutocastModel(model), nn.Sequential(model, nn.Identity()), model):
+        with pytest.raises(ValueError, match=r"shares .* module object.* is reference '<root>'.*copy"):
+            layer_report(model, candidate, digits, mapping=None)
+    partial = P.cast_model(model, BF16)
+    partial.layer2 = model.layer2  # one block shared: its layers would read 0.0
+    with pytest.raises(ValueError, match=r"candidate 'layer2' is reference 'layer2'"):
+        layer_report(model, partial, digits)
+    cast = P.cast_model(copy.deepcopy(model), BF16, inplace=True)   # on a copy, inplace is fine
+    assert layer_report(model, cast, digits).layers[0].max_rel > 0
+
+
+@pytest.mark.parametrize("spec", ["autocast_bf16", "autocast_fp16+cl", "autocast_bf16+fold"])
+def test_autocast_variants_are_compared_by_the_reference_names(trained, digits, spec):
+    name, model = trained
+    report = layer_report(model, P.variant(model, spec), digits)   # no mapping
+    assert report.candidate_only == [] and len(report.layers) >= DEPTH[name]
+    first = "conv1" if name == "resnet18" else "features.0.0"
+    assert report.layers[0].name == first
+    if "fold" in spec:
+        assert sorted(report.reference_only) == sorted(batchnorm_names(model))
+    else:
+        assert report.reference_only == [] and report.layers[0].reference == first
+    assert 0 < report.layers[0].max_rel <= 4 * P.unit_roundoff(BF16 if "bf16" in spec else FP16)
 
 
 # ----------------------------------------------------------------------------- cast

@@ -145,6 +145,29 @@ def test_cast_model_without_io_cast_takes_the_dtype_and_inplace_casts_the_model(
     assert same is model and model[1].running_var.dtype == BF16
 
 
+class _KeywordInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor, *, shift: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x if shift is None else x + shift)
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_cast_model_casts_keyword_inputs_too(dtype):
+    torch.manual_seed(0)
+    model = _KeywordInput().eval()
+    x, shift = torch.randn(1, 3, 6, 6), torch.randn(1, 3, 1, 1)
+    cast = P.cast_model(model, dtype, channels_last=True)
+    wrapped = P.autocast_model(model, dtype, channels_last=True)
+    with torch.inference_mode():
+        ref = model(x, shift=shift)
+        for out in (cast(x=x, shift=shift), cast(x, shift=shift), wrapped(x=x, shift=shift)):
+            assert out.dtype == torch.float32
+            assert compare_outputs(ref, out, rtol=4 * P.unit_roundoff(dtype)).passed
+
+
 @pytest.mark.parametrize("args, error, pattern", [
     ((nn.Linear(2, 2), torch.int8), ValueError, r"dtype must be torch.bfloat16, .* got torch.int8"),
     ((nn.Linear(2, 2), "bf16"), ValueError, r"got 'bf16'"),
@@ -257,6 +280,21 @@ def test_check_fast_path_warns_with_the_measured_slowdown_where_there_is_none():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fast path: no warning, nothing measured
         assert P.check_fast_path(model, x, BF16, flags={"amx_bf16"})[1] is None
+
+
+def test_check_fast_path_measures_in_eval_mode_and_leaves_a_training_model_as_it_was():
+    torch.manual_seed(0)
+    model = models.build("mobilenet_v2", num_classes=10, small_input=True, dropout=0.5).train()
+    dropout_modes = []
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.register_forward_hook(lambda mod, args, out: dropout_modes.append(mod.training))
+    before = fingerprint(model)
+    with pytest.warns(P.SlowPrecisionWarning):
+        P.check_fast_path(model, torch.randn(2, 3, 16, 16), BF16, repeats=1, flags={"avx2"})
+    assert_unchanged(model, before)  # num_batches_tracked and running statistics too
+    assert all(m.training for m in model.modules())
+    assert dropout_modes and not any(dropout_modes)
 
 
 def test_check_fast_path_never_raises_when_the_measurement_fails():
