@@ -179,7 +179,7 @@ CALIBRATOR_BAD_INPUTS = {
     "hist_bits": (lambda: HistogramCalibrator(17), ValueError, r"num_bits must be an int in 2\.\.16, got 17"),
     "hist_axis": (lambda: HistogramCalibrator(8, axis=0), ValueError, r"one amax per tensor; got axis=0"),
     "hist_bins": (lambda: HistogramCalibrator(8, num_bins=7), ValueError, r"num_bins must be an even int >= 16, got 7"),
-    "max_axis_type": (lambda: MaxCalibrator(8, axis="0"), ValueError, r"axis must be None, an int or a tuple of ints"),
+    "max_axis_type": (lambda: MaxCalibrator(8, axis="0"), ValueError, r"axis must be None, an int or a non-empty tuple of ints"),
 }
 
 
@@ -243,3 +243,16 @@ def test_default_start_bin_scales_with_the_number_of_bins():
     amax = float(coarse.compute_amax("mse"))
     assert amax < 20.0, amax
     assert float(coarse.compute_amax("mse", start_bin=16)) == amax
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_a_value_exactly_at_the_range_edge_does_not_depend_on_batch_order(method):
+    ones, big = torch.ones(1000), torch.tensor([1.5])
+    forward, backward = HistogramCalibrator(8), HistogramCalibrator(8)
+    for x in (ones, big):
+        forward.collect(x)
+    for x in (big, ones):
+        backward.collect(x)
+    assert torch.equal(forward.counts, backward.counts)
+    kwargs = {"percentile": 99.9} if method == "percentile" else {}
+    assert float(forward.compute_amax(method, **kwargs)) == float(backward.compute_amax(method, **kwargs))

@@ -272,7 +272,7 @@ BAD_INPUTS = {
                             r"amax of shape \(3, 1, 1, 1\) does not broadcast against x of shape \(2, 3, 4\)"),
     "not_broadcastable": (dict(amax=torch.ones(5)), ValueError, r"amax of shape \(5,\) does not broadcast"),
     "amax_grows_x": (dict(amax=torch.ones(2, 2, 3, 4)), ValueError, r"amax of shape \(2, 2, 3, 4\) does not broadcast"),
-    "string_amax": (dict(amax="1.0"), ValueError, r"amax must be a positive number or a float tensor, got str"),
+    "string_amax": (dict(amax="1.0"), ValueError, r"amax must be a positive number, a list of them or a float tensor, got str"),
     "integer_x": (dict(x=torch.ones(3, dtype=torch.int64)), ValueError, r"x must be a floating-point tensor"),
 }
 
@@ -295,7 +295,7 @@ def test_bad_input_is_rejected_and_nothing_changes(case, function):
     "shape, axis, pattern",
     [((4, 5), 2, r"axis 2 is out of range for a tensor with 2 dims \(valid: -2\.\.1\)"),
      ((4, 5), -3, r"axis -3 is out of range"), ((4, 5), (0, 0), r"repeats a dimension"),
-     ((4, 5), "0", r"axis must be None, an int or a tuple of ints, got '0'")],
+     ((4, 5), "0", r"axis must be None, an int or a non-empty tuple of ints, got '0'")],
 )
 def test_amax_shape_for_rejects_bad_axis(shape, axis, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -307,3 +307,49 @@ def test_check_amax_with_axis_names_the_expected_shape():
         check_amax(torch.ones(2, 1, 1), X, axis=1)
     assert check_amax(torch.ones(1, 3, 1), X, axis=1).shape == (1, 3, 1)
     assert check_amax(2.0, X).shape == ()
+
+
+# ----------------------------------------------------------------------------- edges: precision, tiny amax, flat amax
+def test_fp16_and_bf16_are_quantized_in_float32_then_cast_back():
+    x16 = torch.tensor([0, 5e-4, -1e-3, 1.5e-3], dtype=torch.float16)
+    out = fake_quantize(x16, 1.5e-3)
+    assert out.dtype == torch.float16 and not bool(out.isnan().any())
+    want = fake_quantize(x16.float(), 1.5e-3).half()  # [0, 0.000496, -0.001004, 0.0015]
+    assert torch.equal(out, want)
+    torch.testing.assert_close(out.float(), torch.tensor([0, 0.000496, -0.001004, 0.0015]), atol=1e-6, rtol=0)
+    assert float(quantize(torch.tensor([3.109375], dtype=torch.bfloat16), 4.0, narrow_range=False)) == 99  # 98.72
+    torch.manual_seed(0)
+    x = torch.randn(20000) * 3
+    for dtype in (torch.float16, torch.bfloat16):
+        xr = x.to(dtype)
+        assert torch.equal(quantize(xr, 4.0, narrow_range=False), quantize(xr.float(), 4.0, narrow_range=False))
+        assert torch.equal(fake_quantize(xr, 4.0), fake_quantize(xr.float(), 4.0).to(dtype))
+        xg = xr.clone().requires_grad_(True)  # the autograd path computes the same
+        assert torch.equal(fake_quantize(xg, 4.0).detach(), fake_quantize(xr, 4.0))
+
+
+def test_amax_at_most_2_to_the_minus_24_quantizes_to_zero_not_nan():
+    x = torch.tensor([0.0, 1e-38, 0.5])
+    for amax in (1e-37, 2.0 ** -24):
+        assert torch.equal(fake_quantize(x, amax), torch.zeros(3)), amax
+        assert torch.equal(quantize(x, amax), torch.zeros(3)), amax
+    per_channel = fake_quantize(torch.stack([x, x]), torch.tensor([[1e-30], [1.0]]))  # only the tiny channel is 0
+    assert torch.equal(per_channel[0], torch.zeros(3)) and torch.equal(per_channel[1], fake_quantize(x, 1.0))
+    xg = x.clone().requires_grad_(True)
+    fake_quantize(xg, 1e-37).sum().backward()  # the autograd path too
+    assert not bool(xg.grad.isnan().any())
+
+
+def test_flat_per_channel_amax_is_placed_along_axis_not_the_last_dim():
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+    rows = w.abs().amax(1)
+    ref = fake_quantize(w, rows.reshape(4, 1))
+    for flat in (rows.tolist(), rows):
+        assert torch.equal(fake_quantize(w, flat, axis=0), ref)
+        assert torch.equal(check_amax(flat, w, axis=0), rows.reshape(4, 1))
+    assert check_amax(rows.reshape(4, 1), w, axis=0).shape == (4, 1)
+    conv_w = torch.randn(3, 2, 3, 3)
+    assert check_amax([1.0, 2.0, 3.0], conv_w, axis=0).shape == (3, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"does not match axis=0 .*want \(4, 1\), or a flat list of 4 values"):
+        check_amax(torch.ones(1, 4), w, axis=0)

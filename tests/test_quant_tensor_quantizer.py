@@ -45,8 +45,8 @@ DESCRIPTOR_BAD_INPUTS = {
     "histogram_per_channel": (dict(calib_method="histogram", axis=0), r"calib_method='histogram'.*axis=\(0,\)"),
     "axis_string": (dict(axis="0"), r"axis must be None, an int or a non-empty tuple of ints, got '0'"),
     "axis_repeated": (dict(axis=(1, 1)), r"repeats a dimension"),
-    "zero_amax": (dict(amax=0.0), r"amax must be positive and finite, got \[0\.0\]"),
-    "nan_amax": (dict(amax=[1.0, float("nan")]), r"amax must be positive and finite, got \[nan\]"),
+    "zero_amax": (dict(amax=0.0), r"amax must be positive and finite everywhere, got \[0\.0\]"),
+    "nan_amax": (dict(amax=[1.0, float("nan")]), r"amax must be positive and finite everywhere, got \[nan\]"),
     "unsigned_not_bool": (dict(unsigned=1), r"unsigned must be True or False, got 1"),
 }
 
@@ -146,7 +146,7 @@ def test_all_zero_channel_gets_amax_one_with_a_warning():
     w = torch.randn(3, 2, 3, 3)
     w[1] = 0
     tq(w)
-    with pytest.warns(UserWarning, match=r"1 amax entries are 0"):
+    with pytest.warns(UserWarning, match=r"1 amax entries are <= 2\^-24"):
         tq.load_calib_amax()
     tq.enable_quant()
     out = tq(w)
@@ -173,7 +173,7 @@ def test_setting_a_bad_amax_fails_and_keeps_the_old_one(case):
 def test_amax_of_the_wrong_shape_is_caught_at_forward():
     tq = TensorQuantizer(QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL)
     tq.amax = torch.ones(5, 1, 1, 1)
-    with pytest.raises(ValueError, match=r"amax of shape \(5, 1, 1, 1\) does not broadcast against x of shape \(4, 2, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"amax of shape \(5, 1, 1, 1\) does not match axis=\(0,\) of x \(4, 2, 3, 3\): want \(4, 1, 1, 1\)"):
         tq(torch.ones(4, 2, 3, 3))
 
 
@@ -293,3 +293,54 @@ def test_export_uint8_shift_gives_the_same_values_on_a_uint8_grid():
     unsigned.export_mode = True
     unsigned.export_uint8_shift = True  # already unsigned: nothing to shift
     assert float(unsigned(x).min()) == 0.0
+
+
+# ----------------------------------------------------------------------------- edges
+@pytest.mark.parametrize("form", ["list", "flat tensor", "column tensor"])
+def test_per_channel_amax_in_every_accepted_form_goes_along_axis(form):
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+    rows = w.abs().amax(1)
+    amax = {"list": rows.tolist(), "flat tensor": rows, "column tensor": rows.reshape(4, 1)}[form]
+    tq = TensorQuantizer(QuantDescriptor(axis=0, amax=amax))
+    ref = fake_quantize(w, rows.reshape(4, 1), narrow_range=False)
+    assert torch.equal(tq(w), ref)
+    assert float((tq(w) - w).abs().max()) <= float(rows.max()) / 127 / 2 * (1 + 1e-6)  # half a step at most
+    tq.export_mode = True  # torch's kernel (what ONNX gets) uses the same axis
+    assert float((tq(w) - ref).abs().max()) <= float(rows.max()) / 127 * (1 + 1e-6)
+    setter = TensorQuantizer(QuantDescriptor(axis=0))
+    setter.amax = amax
+    assert torch.equal(setter(w), ref)
+
+
+def test_disabled_switch_and_amax_survive_a_state_dict_round_trip():
+    src = TensorQuantizer(QuantDescriptor(amax=2.0))
+    src.disable()
+    fresh = TensorQuantizer()
+    result = fresh.load_state_dict(src.state_dict())
+    assert fresh.disabled and float(fresh.amax) == 2.0 and not result.missing_keys
+    x = torch.linspace(-3, 3, 7)
+    assert torch.equal(fresh(x), x)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), 0.0])
+def test_a_bad_amax_in_a_state_dict_is_refused_by_name(bad):
+    state = TensorQuantizer(QuantDescriptor(amax=2.0)).state_dict()
+    state["_amax"] = torch.tensor(bad)
+    fresh = TensorQuantizer(QuantDescriptor(amax=1.0))
+    with pytest.raises(RuntimeError, match=r"_amax: amax must be positive and finite"):
+        fresh.load_state_dict(state)
+    assert float(fresh.amax) == 1.0
+
+
+def test_learned_amax_is_a_parameter_from_construction_so_an_early_optimizer_trains_it():
+    tq = TensorQuantizer(QuantDescriptor(learn_amax=True))
+    assert tq.amax is None and "_amax" in dict(tq.named_parameters())
+    optimizer = torch.optim.SGD(tq.parameters(), lr=0.1)  # built before calibration
+    tq.amax = 0.5
+    x = torch.linspace(-2, 2, 101)
+    for _ in range(5):
+        optimizer.zero_grad()
+        ((tq(x) - x) ** 2).mean().backward()
+        optimizer.step()
+    assert float(tq.amax.detach()) > 0.5  # the optimizer's parameter is the quantizer's amax

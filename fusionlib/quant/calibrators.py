@@ -8,10 +8,11 @@ and ``reset()``.
   result broadcasts against x like :func:`~fusionlib.quant.amax_shape_for`).
   Nothing is clipped; rare outliers stretch the grid.
 * :class:`HistogramCalibrator` — a histogram of ``|x|`` with ``num_bins`` bins
-  of width ``w`` on ``[0, num_bins · w]``, ``w`` the smallest power of two
-  that covers the largest ``|x|`` so far. When a later batch exceeds the
-  range, ``w`` is doubled (merging neighbouring pairs of bins, which is exact)
-  until it fits. The histogram is therefore always the histogram of
+  of width ``w`` on ``[0, num_bins · w)``, ``w`` the smallest power of two
+  with the largest ``|x|`` so far strictly inside (a value ``v`` goes to bin
+  ``floor(v / w)``; none sits on the upper edge). When a later batch reaches the
+  range, ``w`` is doubled (merging neighbouring pairs of bins, which is exact:
+  ``floor(v / 2w) = floor(floor(v / w) / 2)``) until it fits. The histogram is therefore always the histogram of
   everything seen, and, because the grid depends only on the overall maximum,
   it is the same whatever order the batches come in. ``compute_amax(method)``
   then picks an upper bin edge ``e_i`` (so the answer is exact to one bin
@@ -65,7 +66,7 @@ class MaxCalibrator:
     def __init__(self, num_bits: int = 8, axis: int | Sequence[int] | None = None, unsigned: bool = False):
         self.num_bits = check_num_bits(num_bits)
         if axis is not None:
-            check_axis(axis, 64)  # type check now; range is checked against each x
+            check_axis(axis)  # type check now; range is checked against each x
         self.axis = axis
         self.unsigned = bool(unsigned)
         self._amax: torch.Tensor | None = None
@@ -138,10 +139,10 @@ class HistogramCalibrator:
         return torch.arange(self.num_bins + 1, dtype=torch.float64) * self.bin_width
 
     def _power_of_two_width(self, max_value: float) -> float:
-        """The smallest power of two ``w`` with ``num_bins · w >= max_value`` (at least 2^-60)."""
+        """The smallest power of two ``w`` with ``num_bins · w > max_value`` (at least 2^-60)."""
         exponent = math.ceil(math.log2(max_value / self.num_bins)) if max_value > 0 else -60
         width = 2.0 ** max(exponent, -60)
-        while width * self.num_bins < max_value:  # guard log2's rounding
+        while width * self.num_bins <= max_value:  # strictly inside; also guards log2's rounding
             width *= 2
         return width
 
@@ -153,11 +154,11 @@ class HistogramCalibrator:
         if self.counts is None:
             self.bin_width = self._power_of_two_width(batch_max)
             self.counts = torch.zeros(self.num_bins, dtype=torch.float64)
-        while batch_max > self.range_max:  # widen: merge pairs of bins (exact), so old counts stay right
+        while batch_max >= self.range_max:  # widen: merge pairs of bins (exact), so old counts stay right
             self.counts = self.counts.view(-1, 2).sum(dim=1)
             self.counts = torch.cat([self.counts, torch.zeros(self.num_bins // 2, dtype=torch.float64)])
             self.bin_width *= 2
-        # bin index floor(|x| / w), the value equal to the range edge goes to the last bin
+        # bin index floor(|x| / w): every value is below the range's edge (the clamp only guards float rounding)
         idx = torch.clamp((a / self.bin_width).floor().long(), 0, self.num_bins - 1)
         self.counts += torch.bincount(idx, minlength=self.num_bins).double()
 

@@ -14,7 +14,9 @@ is built from, as in pytorch-quantization::
 * ``narrow_range`` — ``[−qmax, qmax]`` (symmetric) instead of
   ``[−qmax − 1, qmax]``. Defaults to False here, as pytorch-quantization's
   descriptor, while :func:`~fusionlib.quant.fake_quantize` defaults to True.
-* ``amax`` — an initial amax (number or list), else calibrate.
+* ``amax`` — an initial amax, else calibrate: a number, a flat list of one
+  value per index along ``axis``, or a tensor that broadcasts against the
+  quantized tensor (``[C, 1, 1, 1]``). Checked by :func:`~fusionlib.quant.check_amax`.
 * ``calib_method`` — ``"max"`` (:class:`~fusionlib.quant.MaxCalibrator`) or
   ``"histogram"`` (:class:`~fusionlib.quant.HistogramCalibrator`, per tensor only).
 * ``fake_quant`` — True: output dequantized floats; False: output the integers.
@@ -24,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fusionlib.quant.functional import check_num_bits
+from fusionlib.quant.functional import check_amax, check_axis, check_num_bits
 
 __all__ = [
     "QuantDescriptor",
@@ -41,40 +43,17 @@ __all__ = [
 CALIB_METHODS = ("max", "histogram")
 
 
-def _normalize_axis(axis: Any) -> tuple[int, ...] | None:
-    if axis is None:
-        return None
-    if isinstance(axis, int) and not isinstance(axis, bool):
-        return (axis,)
-    if isinstance(axis, (tuple, list)) and axis and all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
-        if len(set(axis)) != len(axis):
-            raise ValueError(f"axis {axis!r} repeats a dimension")
-        return tuple(axis)
-    raise ValueError(f"axis must be None, an int or a non-empty tuple of ints, got {axis!r}")
+def _frozen_amax(amax: Any) -> float | tuple | None:
+    """``amax`` checked by :func:`~fusionlib.quant.check_amax` and stored as a number or (nested) tuples of them.
 
-
-def _normalize_amax(amax: Any) -> float | tuple[float, ...] | None:
+    Nested tuples keep a tensor's shape (``[4, 1]`` stays a column), so the
+    quantizer can still check it against the tensor it meets.
+    """
     if amax is None:
         return None
-    try:
-        import torch
-
-        if isinstance(amax, torch.Tensor):
-            amax = amax.detach().cpu().tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(amax, (int, float)) and not isinstance(amax, bool):
-        values = (float(amax),)
-        out: float | tuple[float, ...] = float(amax)
-    elif isinstance(amax, (list, tuple)) and amax and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in amax):
-        values = tuple(float(v) for v in amax)
-        out = values
-    else:
-        raise ValueError(f"amax must be None, a positive number or a list of them, got {amax!r}")
-    bad = [v for v in values if not v > 0 or v == float("inf")]
-    if bad:
-        raise ValueError(f"amax must be positive and finite, got {bad[:4]}")
-    return out
+    values = check_amax(amax).detach().cpu().tolist()
+    freeze = lambda v: tuple(freeze(e) for e in v) if isinstance(v, list) else float(v)
+    return freeze(values)
 
 
 @dataclass(frozen=True)
@@ -93,8 +72,8 @@ class QuantDescriptor:
 
     def __post_init__(self):
         check_num_bits(self.num_bits)
-        object.__setattr__(self, "axis", _normalize_axis(self.axis))
-        object.__setattr__(self, "amax", _normalize_amax(self.amax))
+        object.__setattr__(self, "axis", check_axis(self.axis))
+        object.__setattr__(self, "amax", _frozen_amax(self.amax))
         if self.calib_method not in CALIB_METHODS:
             raise ValueError(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
         if self.calib_method == "histogram" and self.axis is not None:

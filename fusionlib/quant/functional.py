@@ -13,7 +13,20 @@ integer ``q`` on a grid that is symmetric around zero (zero point 0)::
 ``amax`` is the largest magnitude kept: values beyond it are clipped. It is a
 scalar (per tensor) or a tensor that broadcasts against ``x`` with 1s
 everywhere except along the channel axis (per channel, e.g. ``[C, 1, 1, 1]``
-for a conv weight; :func:`amax_shape_for`).
+for a conv weight; :func:`amax_shape_for`). Given ``axis``, a flat list or
+1-d tensor of one amax per channel is placed along that axis
+(:func:`check_amax`, the one amax validator). An ``amax <= 2^-24`` (fp16's
+smallest subnormal) counts as zero, as in pytorch-quantization: the
+quantizer outputs 0 there (``qmax / amax`` would overflow to inf, and
+``0 · inf`` is NaN).
+
+**Precision.** The scale, product, rounding and clamp run in float32 (float64
+for float64 inputs) and the result is cast back to ``x``'s dtype. fp16 and
+bf16 cannot hold ``x · qmax / amax`` exactly: bf16's 8-bit significand alone
+moves about one integer in eight to its neighbour. pytorch-quantization
+upcasts fp16 the same way; doing it for bf16 too is this library's choice.
+:func:`quantize` returns its integers in that compute dtype (fp16 and bf16
+cannot hold every integer of a 16-bit grid).
 
 **Two names, never "scale" alone.** The literature uses "scale" for two
 reciprocal numbers; this module names them apart:
@@ -83,10 +96,14 @@ __all__ = [
     "check_amax",
     "check_axis",
     "as_amax_tensor",
+    "compute_dtype",
+    "AMAX_EPSILON",
 ]
 
-AmaxLike = Union[float, int, torch.Tensor]
+AmaxLike = Union[float, int, Sequence[float], torch.Tensor]
 MIN_BITS, MAX_BITS = 2, 16
+#: amax at or below this (fp16's smallest subnormal, 2^-24) counts as zero: those outputs are 0.
+AMAX_EPSILON = 2.0 ** -24
 
 
 # --------------------------------------------------------------------------
@@ -102,28 +119,31 @@ def check_num_bits(num_bits: int) -> int:
     return num_bits
 
 
-def check_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...] | None:
-    """Normalize ``axis`` (None, an int or ints, negatives allowed) against a tensor of ``ndim`` dims.
+def check_axis(axis: int | Sequence[int] | None, ndim: int | None = None) -> tuple[int, ...] | None:
+    """The one axis validator: ``axis`` (None, an int or a non-empty tuple of ints) as a tuple, or None.
 
-    Returns a sorted tuple of non-negative axes, or None. Raises ValueError for an
-    axis out of range or repeated, naming it and the tensor's number of dims.
+    With ``ndim`` (the tensor's number of dims) negatives are resolved and the
+    result is sorted; an axis out of range is a ValueError naming it and
+    ``ndim``. Without ``ndim`` (a descriptor, before any tensor is seen) the
+    axes are returned as given. A repeated axis is always an error.
     """
     if axis is None:
         return None
-    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else tuple(axis)
-    out = []
-    for a in axes:
-        if isinstance(a, bool) or not isinstance(a, int):
-            raise ValueError(f"axis must be None, an int or a tuple of ints, got {axis!r}")
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"axis {a} is out of range for a tensor with {ndim} dims (valid: {-ndim}..{ndim - 1}); "
-                "a conv weight [C_out, C_in, k, k] is quantized per channel with axis=0"
-            )
-        out.append(a % ndim)
-    if len(set(out)) != len(out):
+    is_int = lambda a: isinstance(a, int) and not isinstance(a, bool)
+    axes = (axis,) if is_int(axis) else tuple(axis) if isinstance(axis, (tuple, list)) else ()
+    if not axes or not all(is_int(a) for a in axes):
+        raise ValueError(f"axis must be None, an int or a non-empty tuple of ints, got {axis!r}")
+    if ndim is not None:
+        for a in axes:
+            if not -ndim <= a < ndim:
+                raise ValueError(
+                    f"axis {a} is out of range for a tensor with {ndim} dims (valid: {-ndim}..{ndim - 1}); "
+                    "a conv weight [C_out, C_in, k, k] is quantized per channel with axis=0"
+                )
+        axes = tuple(sorted(a % ndim for a in axes))
+    if len(set(axes)) != len(axes):
         raise ValueError(f"axis {axis!r} repeats a dimension")
-    return tuple(sorted(out))
+    return axes
 
 
 def amax_shape_for(x_shape: Sequence[int], axis: int | Sequence[int] | None) -> tuple[int, ...]:
@@ -140,24 +160,36 @@ def amax_shape_for(x_shape: Sequence[int], axis: int | Sequence[int] | None) -> 
 
 
 def as_amax_tensor(amax: AmaxLike, device: torch.device | None = None) -> torch.Tensor:
-    """``amax`` as a float tensor (a python number becomes a 0-d float32 tensor); not validated."""
+    """``amax`` as a float tensor (a number: 0-d float32; a (nested) list of numbers: float32 of its shape); not validated."""
     if isinstance(amax, torch.Tensor):
         if not amax.is_floating_point():
             amax = amax.float()
         return amax if device is None else amax.to(device)
-    if isinstance(amax, bool) or not isinstance(amax, (int, float)):
-        raise ValueError(f"amax must be a positive number or a float tensor, got {type(amax).__name__} {amax!r}")
-    return torch.tensor(float(amax), dtype=torch.float32, device=device)
+    def numbers(v: object) -> bool:  # a number, or a non-empty (nested) list of numbers
+        if isinstance(v, (list, tuple)):
+            return bool(v) and all(numbers(e) for e in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if numbers(amax):
+        try:
+            return torch.tensor(amax, dtype=torch.float32, device=device)
+        except ValueError:  # ragged nesting
+            pass
+    raise ValueError(f"amax must be a positive number, a list of them or a float tensor, got "
+                     f"{type(amax).__name__} {amax!r}")
 
 
 def check_amax(amax: AmaxLike, x: torch.Tensor | None = None, axis: int | Sequence[int] | None = None) -> torch.Tensor:
-    """Validate ``amax`` and return it as a tensor.
+    """The one amax validator: check ``amax`` and return it as a float tensor, placed along ``axis``.
 
-    Raises ValueError when any entry is <= 0, NaN or infinite (naming the
-    offending value and how many there are), when its shape does not broadcast
-    against ``x`` without growing ``x`` (naming both shapes), or, with
-    ``axis`` given, when it is not ``amax_shape_for(x.shape, axis)`` (or its
-    squeezed 1-d form).
+    * Every entry must be > 0 and finite (ValueError naming the bad values and
+      how many); entries ``<= AMAX_EPSILON`` are accepted and quantize to 0.
+    * With ``x``: the result broadcasts against ``x`` without growing it.
+    * With ``x`` and ``axis``: a flat amax (a list, or a 1-d tensor) holds one
+      value per index along ``axis`` and is reshaped to
+      ``amax_shape_for(x.shape, axis)``; a one-element amax stays per tensor;
+      any other shape must be that shape (leading 1s may be left out:
+      ``[4, 1]`` for a ``[4, 4]`` weight along axis 0).
     """
     t = as_amax_tensor(amax)
     with torch.no_grad():
@@ -169,23 +201,33 @@ def check_amax(amax: AmaxLike, x: torch.Tensor | None = None, axis: int | Sequen
                 f"({int(bad.sum())} of {t.numel()} entries bad); calibrate on data that is not all zero, or "
                 "set amax to the largest magnitude you want to keep"
             )
-    if x is not None:
-        x_shape = tuple(x.shape)
-        try:
-            joint = torch.broadcast_shapes(x_shape, tuple(t.shape))
-        except RuntimeError:
-            joint = None
-        if joint != x_shape:
-            raise ValueError(
-                f"amax of shape {tuple(t.shape)} does not broadcast against x of shape {x_shape}; per-channel "
-                f"amax keeps the channel axis and has 1s elsewhere, e.g. {amax_shape_for(x_shape, 0) if x_shape else ()}"
-                " for axis 0"
-            )
-        if axis is not None:
-            want = amax_shape_for(x_shape, axis)
-            if tuple(t.shape) != want and t.numel() != math.prod(want):
-                raise ValueError(f"amax of shape {tuple(t.shape)} does not match axis={axis!r} of x {x_shape}: want {want}")
+    if x is None:
+        return t
+    x_shape = tuple(x.shape)
+    if axis is not None and t.numel() > 1:
+        want = amax_shape_for(x_shape, axis)
+        if t.dim() == 1 and t.numel() == math.prod(want):
+            return t.reshape(want)  # a flat list of per-channel values: along axis, not the last dim
+        if (1,) * (len(want) - t.dim()) + tuple(t.shape) != want:
+            raise ValueError(f"amax of shape {tuple(t.shape)} does not match axis={axis!r} of x {x_shape}: want "
+                             f"{want}, or a flat list of {math.prod(want)} values")
+        return t.reshape(want)
+    try:
+        joint = torch.broadcast_shapes(x_shape, tuple(t.shape))
+    except RuntimeError:
+        joint = None
+    if joint != x_shape:
+        raise ValueError(
+            f"amax of shape {tuple(t.shape)} does not broadcast against x of shape {x_shape}; per-channel "
+            f"amax keeps the channel axis and has 1s elsewhere, e.g. {amax_shape_for(x_shape, 0) if x_shape else ()}"
+            " for axis 0 (or pass axis= with a flat list)"
+        )
     return t
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype quantization arithmetic runs in: float64 for float64 ``x``, float32 otherwise (fp16, bf16, fp32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------
@@ -215,13 +257,22 @@ def step_size(amax: AmaxLike, num_bits: int = 8, unsigned: bool = False) -> torc
     return as_amax_tensor(amax) / quant_max(num_bits, unsigned)
 
 
-def _prepare(x: torch.Tensor, amax: AmaxLike, num_bits: int, unsigned: bool, narrow_range: bool):
+def _prepare(x: torch.Tensor, amax: AmaxLike, num_bits: int, unsigned: bool, narrow_range: bool,
+             axis: int | Sequence[int] | None = None):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
     qmax = quant_max(num_bits, unsigned)
     qmin = quant_min(num_bits, unsigned, narrow_range)
-    amax_t = check_amax(amax, x).to(device=x.device)
+    amax_t = check_amax(amax, x, axis).to(device=x.device)
     return amax_t, qmin, qmax
+
+
+def _scales(amax: torch.Tensor, qmax: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quant_scale, step_size)`` in ``dtype``; both 0 where ``amax <= AMAX_EPSILON`` (those outputs are 0)."""
+    a = amax.to(dtype)
+    zero = a <= AMAX_EPSILON
+    qs = torch.where(zero, torch.zeros_like(a), qmax / torch.where(zero, torch.ones_like(a), a))
+    return qs, torch.where(zero, torch.zeros_like(a), a / qmax)
 
 
 def _quantize_unchecked(x: torch.Tensor, qs: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
@@ -231,32 +282,44 @@ def _quantize_unchecked(x: torch.Tensor, qs: torch.Tensor, qmin: int, qmax: int)
 
 
 def quantize(
-    x: torch.Tensor, amax: AmaxLike, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True
+    x: torch.Tensor, amax: AmaxLike, num_bits: int = 8, unsigned: bool = False, narrow_range: bool = True,
+    axis: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The integers ``clamp(round(x · quant_scale), qmin, qmax)``, held in x's float dtype (no gradient trick)."""
-    amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
-    qs = (qmax / amax_t.detach()).to(x.dtype)
-    return _quantize_unchecked(x.detach(), qs, qmin, qmax)
+    """The integers ``clamp(round(x · quant_scale), qmin, qmax)`` (no gradient trick).
+
+    Computed and returned in float32 (float64 for float64 ``x``): see "Precision" in the module docstring.
+    ``axis``: where a flat per-channel ``amax`` goes (:func:`check_amax`).
+    """
+    amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range, axis)
+    dtype = compute_dtype(x)
+    qs, _ = _scales(amax_t.detach(), qmax, dtype)
+    return _quantize_unchecked(x.detach().to(dtype), qs, qmin, qmax)
 
 
-def dequantize(q: torch.Tensor, amax: AmaxLike, num_bits: int = 8, unsigned: bool = False) -> torch.Tensor:
+def dequantize(q: torch.Tensor, amax: AmaxLike, num_bits: int = 8, unsigned: bool = False,
+               axis: int | Sequence[int] | None = None) -> torch.Tensor:
     """Back to x's units: ``q / quant_scale``, computed as ``q · step_size`` (torch's and ONNX's rounding)."""
     if not isinstance(q, torch.Tensor) or not q.is_floating_point():
         q = torch.as_tensor(q, dtype=torch.float32)
-    return q * step_size(check_amax(amax, q).to(q.device), num_bits, unsigned).to(q.dtype)
+    step = check_amax(amax, q, axis).to(q.device, compute_dtype(q)) / quant_max(num_bits, unsigned)
+    return (q.to(step.dtype) * step).to(q.dtype)
 
 
 class FakeQuantizeFunction(torch.autograd.Function):
-    """``dequantize(quantize(x))`` with the STE for x and the LSQ gradient for amax (module docstring)."""
+    """``dequantize(quantize(x))`` with the STE for x and the LSQ gradient for amax (module docstring).
+
+    Computes in :func:`compute_dtype` and returns ``x``'s dtype.
+    """
 
     @staticmethod
     def forward(ctx, x, amax, qmin: int, qmax: int, unsigned: bool, learn_amax: bool):
-        qs = (qmax / amax).to(x.dtype)
-        q = _quantize_unchecked(x, qs, qmin, qmax)
+        xc = x.to(compute_dtype(x))
+        qs, step = _scales(amax, qmax, xc.dtype)
+        q = _quantize_unchecked(xc, qs, qmin, qmax)
         ctx.qmin, ctx.qmax, ctx.unsigned, ctx.learn_amax = qmin, qmax, unsigned, learn_amax
         ctx.amax_shape = amax.shape
-        ctx.save_for_backward(x, amax, q)
-        return q * (amax / qmax).to(x.dtype)  # = q / quant_scale, rounded as torch's (q − 0) · scale
+        ctx.save_for_backward(xc, amax, q)
+        return (q * step).to(x.dtype)  # = q / quant_scale, rounded as torch's (q − 0) · scale
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -270,7 +333,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
             u = x * (ctx.qmax / a)
             not_clipped = (u >= ctx.qmin) & (u <= ctx.qmax)
             d = (q - u * not_clipped) / ctx.qmax
-            g = grad_out * d
+            g = grad_out.to(x.dtype) * d
             # sum over the dimensions amax was broadcast along
             shape = ctx.amax_shape
             lead = g.dim() - len(shape)
@@ -289,20 +352,23 @@ def fake_quantize(
     unsigned: bool = False,
     narrow_range: bool = True,
     learn_amax: bool = False,
+    axis: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` = ``clamp(round(x · qmax/amax), qmin, qmax) · amax/qmax``, differentiable.
 
-    Gradients: the STE for ``x`` (1 for ``|x| <= amax``, ``0 <= x <= amax``
-    unsigned; 0 where clipped) and, with ``learn_amax=True`` and ``amax`` a
-    tensor requiring grad, the LSQ gradient ``(q − x·quant_scale)/qmax``
-    (``q/qmax`` where clipped), summed per amax entry.
+    Computed in float32 (float64 for float64 ``x``), returned in ``x``'s dtype;
+    0 where ``amax <= 2^-24``. ``axis``: where a flat per-channel ``amax``
+    goes (:func:`check_amax`). Gradients: the STE for ``x`` (1 for
+    ``|x| <= amax``, ``0 <= x <= amax`` unsigned; 0 where clipped) and, with
+    ``learn_amax=True`` and ``amax`` a tensor requiring grad, the LSQ gradient
+    ``(q − x·quant_scale)/qmax`` (``q/qmax`` where clipped), summed per amax entry.
     """
-    amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range)
+    amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range, axis)
     if not learn_amax:
         amax_t = amax_t.detach()
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or amax_t.requires_grad)
     if not needs_graph:  # fast path: no mask to keep, everything in place on one buffer
-        qs = (qmax / amax_t).to(x.dtype)
-        out = _quantize_unchecked(x, qs, qmin, qmax)
-        return out.mul_((amax_t / qmax).to(x.dtype))
+        qs, step = _scales(amax_t, qmax, compute_dtype(x))
+        out = _quantize_unchecked(x.to(qs.dtype), qs, qmin, qmax)
+        return out.mul_(step).to(x.dtype)
     return FakeQuantizeFunction.apply(x, amax_t, qmin, qmax, bool(unsigned), bool(learn_amax))

@@ -7,9 +7,19 @@ Built from a :class:`~fusionlib.quant.QuantDescriptor`. ``forward(x)``::
     quantization on     -> fake_quantize(x, amax, ...)        (fake_quant=True, the default)
                            quantize(x, amax, ...)             (fake_quant=False: the integers)
 
-``amax`` lives in the buffer ``_amax`` (an ``nn.Parameter`` with
-``learn_amax=True``), so ``state_dict()`` saves it and ``load_state_dict``
-restores it, even into a fresh quantizer whose amax is still unset.
+``amax`` lives in the buffer ``_amax``, so ``state_dict()`` saves it and
+``load_state_dict`` restores it (checked like any amax), even into a fresh
+quantizer whose amax is still unset. With ``learn_amax=True`` it is an
+``nn.Parameter`` from construction on (empty until calibrated), so an
+optimizer built before calibration trains it. A flat per-channel amax (a
+list) is placed along ``axis`` (:func:`~fusionlib.quant.check_amax`).
+
+**State.** A disabled quantizer saves a ``_disabled`` key too, so a layer kept
+float (:func:`~fusionlib.quant.keep_float`) stays float after a
+``state_dict`` round trip; an enabled one saves no such key, so an
+uncalibrated quant layer's state still loads into its float layer. A state
+with ``_amax`` and no ``_disabled`` enables the quantizer it is loaded into.
+The calibration / quantization switches are working state and are not saved.
 
 **Export mode.** With ``export_mode = True`` (on the class or an instance)
 forward calls torch's own kernels with torch's parameters::
@@ -38,6 +48,7 @@ from torch import nn
 from fusionlib.quant.calibrators import HistogramCalibrator, MaxCalibrator
 from fusionlib.quant.descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 from fusionlib.quant.functional import (
+    AMAX_EPSILON,
     check_amax,
     check_axis,
     fake_quantize,
@@ -80,12 +91,12 @@ class TensorQuantizer(nn.Module):
             self.calibrator = HistogramCalibrator(self._num_bits, None, self._unsigned)
         else:
             self.calibrator = MaxCalibrator(self._num_bits, self._axis, self._unsigned)
-        if self._learn_amax:
-            self.register_parameter("_amax", None)
+        if self._learn_amax:  # a parameter now (empty: unset), so an optimizer built before calibration sees it
+            self._amax = nn.Parameter(torch.empty(0))
         else:
             self.register_buffer("_amax", None)
         if quant_desc.amax is not None:
-            self.amax = torch.tensor(quant_desc.amax, dtype=torch.float32)
+            self.amax = quant_desc.amax
 
     # ---- read-only views of the descriptor ------------------------------------------------
     num_bits = property(lambda self: self._num_bits)
@@ -108,7 +119,9 @@ class TensorQuantizer(nn.Module):
 
     @property
     def amax(self) -> torch.Tensor | None:
-        return self._amax
+        """The amax as set (None until calibrated or set); placed along ``axis`` when used."""
+        amax = self._amax
+        return None if amax is None or amax.numel() == 0 else amax
 
     @amax.setter
     def amax(self, value) -> None:
@@ -118,14 +131,18 @@ class TensorQuantizer(nn.Module):
         old = self._amax
         if old is not None:
             t = t.to(old.device)
-        if self._learn_amax:
-            if old is not None and old.shape == t.shape:
-                with torch.no_grad():
-                    old.copy_(t)
-            else:
-                self._amax = nn.Parameter(t.clone())
+        if isinstance(old, nn.Parameter):  # learn_amax: keep the parameter object the optimizer holds
+            with torch.no_grad():
+                old.data = t.clone()
         else:
             self._amax = t.clone()
+
+    def clear_amax(self) -> None:
+        """Back to "no amax" (the setter refuses None); a learned amax keeps its (now empty) parameter."""
+        if isinstance(self._amax, nn.Parameter):
+            self._amax.data = torch.empty(0, device=self._amax.device)
+        else:
+            self._amax = None
 
     def _who(self) -> str:
         return f"TensorQuantizer {self.name!r}" if self.name else "TensorQuantizer"
@@ -156,7 +173,8 @@ class TensorQuantizer(nn.Module):
     def load_calib_amax(self, method: str | None = None, **kwargs) -> torch.Tensor:
         """Set amax from the calibrator: ``method`` None (or "max") for max, "percentile"/"mse"/"entropy" for histogram.
 
-        An all-zero channel (amax 0) gets amax 1: every amax > 0 quantizes zeros to zero. Returns the new amax.
+        An all-zero channel (amax <= 2^-24, ``AMAX_EPSILON``, as in ``check_amax``) gets amax 1: its data
+        then quantizes to zero, as an amax that small would. Returns the new amax.
         """
         try:
             if isinstance(self.calibrator, MaxCalibrator):
@@ -174,9 +192,10 @@ class TensorQuantizer(nn.Module):
                 amax = self.calibrator.compute_amax(method, **kwargs)
         except RuntimeError as err:
             raise RuntimeError(f"{self._who()}: {err}") from None
-        zero = amax <= 0
+        zero = amax <= AMAX_EPSILON
         if bool(zero.any()):
-            warnings.warn(f"{self._who()}: {int(zero.sum())} amax entries are 0 (all-zero data); using 1.0 there", stacklevel=2)
+            warnings.warn(f"{self._who()}: {int(zero.sum())} amax entries are <= 2^-24 (all-zero data); using 1.0 "
+                          "there", stacklevel=2)
             amax = torch.where(zero, torch.ones_like(amax), amax)
         self.amax = amax
         return self.amax
@@ -189,18 +208,19 @@ class TensorQuantizer(nn.Module):
             self.calibrator.collect(x.detach())
         if not self._if_quant:
             return x
-        if self._amax is None:
+        if self.amax is None:
             raise RuntimeError(
                 f"{self._who()} has no amax: calibrate first or set amax (quantizer.amax = ...) before quantizing"
             )
         if self.export_mode:
             return self._torch_fake_quant(x)
         if self._fake_quant:
-            return fake_quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range, self._learn_amax)
-        return quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range)
+            return fake_quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range, self._learn_amax,
+                                 self._axis)
+        return quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range, self._axis)
 
     def _torch_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        amax = check_amax(self._amax, x).to(device=x.device, dtype=torch.float32)
+        amax = check_amax(self._amax, x, self._axis).to(device=x.device, dtype=torch.float32)
         qmax, qmin = self.quant_max, self.quant_min
         step = amax / qmax  # torch's "scale"
         axes = check_axis(self._axis, x.dim())
@@ -217,18 +237,34 @@ class TensorQuantizer(nn.Module):
         zero_point = torch.zeros(step.numel(), dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_channel_affine(x, step, zero_point, axes[0], qmin, qmax)
 
-    # ---- state dict: accept _amax even when ours is still None ---------------------------
+    # ---- state dict: _amax checked, accepted even when ours is unset; a "_disabled" key while disabled
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._disabled:  # only then: an enabled quantizer's state stays loadable into its float module
+            destination[prefix + "_disabled"] = torch.tensor(True)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + "_amax"
-        if key in state_dict and self._amax is None:
-            value = state_dict[key]
-            if self._learn_amax:
-                self._amax = nn.Parameter(value.detach().clone().float())
-            else:
-                self._amax = value.detach().clone().float()
-        elif key in state_dict and self._amax is not None and state_dict[key].shape != self._amax.shape:
-            self.amax = state_dict[key]  # a different calibration shape: take it as is
+        value = state_dict.get(key)
+        if value is not None and value.numel() > 0:
+            try:
+                check_amax(value)
+            except ValueError as err:
+                error_msgs.append(f"{key}: {err}")
+                return
+        if value is not None and (self.amax is None or value.shape != self._amax.shape):
+            if value.numel() == 0:
+                self.clear_amax()
+            else:  # unset, or another calibration shape: take it as is
+                self.amax = value
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        flag = prefix + "_disabled"
+        if flag in state_dict:
+            self._disabled = bool(state_dict[flag])
+            while flag in unexpected_keys:
+                unexpected_keys.remove(flag)
+        elif value is not None:  # a quantizer's state saved while enabled
+            self._disabled = False
 
     # ---- repr ------------------------------------------------------------------------------
     def extra_repr(self) -> str:
@@ -240,7 +276,7 @@ class TensorQuantizer(nn.Module):
         if self._unsigned:
             parts.append("unsigned")
         parts.append("per-tensor" if self._axis is None else f"per-channel axis={self._axis}")
-        amax = self._amax
+        amax = self.amax
         if amax is None:
             parts.append("amax=unset")
         elif amax.numel() == 1:
