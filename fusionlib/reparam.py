@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionlib.folding import fuse_conv_bn_weights
+from fusionlib.folding import _as_parameters, fuse_conv_bn_weights, round_to_nearest
 
 __all__ = [
     "pad_kernel_to",
@@ -197,8 +197,18 @@ def merge_branches(
 
     Every kernel is ``[O, C_in/g, k_j, k_j]`` with odd ``k_j <= k``; a bias of
     ``None`` counts as zero. The sum is taken in float64 and rounded to
-    ``dtype`` at the end.
+    ``dtype`` at the end, to the nearest number
+    (:func:`fusionlib.folding.round_to_nearest`: torch's float64 -> fp16 / bf16
+    goes through float32 and rounds twice).
     """
+    weight, bias = _sum_branches(branches, kernel_size)
+    return round_to_nearest(weight, dtype), round_to_nearest(bias, dtype)
+
+
+def _sum_branches(
+    branches: Sequence[tuple[torch.Tensor, torch.Tensor | None]], kernel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_branches` before the rounding: ``(Σ P_k(W_j), Σ b_j)`` in float64."""
     if len(branches) == 0:
         raise ValueError("merge_branches needs at least one (kernel, bias) branch, got none")
     _check_odd_kernel(kernel_size)
@@ -220,7 +230,23 @@ def merge_branches(
                         f"a branch bias has shape {tuple(branch_bias.shape)}, expected ({out_channels},)"
                     )
                 bias += branch_bias.detach().to(_EXACT)
-    return weight.to(dtype), bias.to(dtype)
+    return weight, bias
+
+
+def _conv_from_branches(
+    branches: Sequence[tuple[torch.Tensor, torch.Tensor | None]], like: nn.Conv2d
+) -> nn.Conv2d:
+    """A new kxk ``Conv2d`` with ``like``'s settings and a bias, holding the branches' sum.
+
+    Rounded once to ``like.weight``'s dtype and laid out like it (channels_last stays channels_last), with
+    its ``requires_grad`` (:func:`fusionlib.folding._as_parameters`, the fold's rounding).
+    """
+    k = like.kernel_size[0]
+    weight, bias = _sum_branches(branches, k)
+    conv = nn.Conv2d(like.in_channels, like.out_channels, k, like.stride, k // 2, groups=like.groups, bias=True,
+                     device="meta")
+    conv.weight, conv.bias = _as_parameters(weight, bias, like.weight, None)
+    return conv
 
 
 # --------------------------------------------------------------------------
@@ -306,13 +332,7 @@ def merge_conv_branches(
     if identity:
         branches.append((identity_kernel(conv_kxk.in_channels, k, conv_kxk.groups, _EXACT, conv_kxk.weight.device),
                          None))
-    weight, bias = merge_branches(branches, k, conv_kxk.weight.dtype)
-    merged = nn.Conv2d(conv_kxk.in_channels, conv_kxk.out_channels, k, conv_kxk.stride, k // 2,
-                       groups=conv_kxk.groups, bias=True, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        merged.weight.copy_(weight)
-        merged.bias.copy_(bias)
-    return merged
+    return _conv_from_branches(branches, conv_kxk)
 
 
 # --------------------------------------------------------------------------
@@ -340,6 +360,8 @@ class RepBlock(nn.Module):
 
     and the three branch attributes become None. Works for dense, grouped and
     depthwise (``groups == in_channels == out_channels``) convolutions.
+    ``deploy=True`` builds the deployed form directly (as RepVGG's official
+    code does), so a deployed block's ``state_dict`` loads into a fresh one.
 
     Construction errors (``ValueError`` naming the value): even or non-positive
     ``kernel_size``; ``padding`` other than ``k//2`` (the only value that keeps
@@ -359,6 +381,7 @@ class RepBlock(nn.Module):
         use_1x1: bool = True,
         *,
         padding: int | None = None,
+        deploy: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("stride", stride),
@@ -384,17 +407,25 @@ class RepBlock(nn.Module):
         self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
         self.padding = kernel_size // 2
         self.use_identity, self.use_1x1 = bool(use_identity), bool(use_1x1)
-        self.conv_kxk: nn.Sequential | None = nn.Sequential(
+        self.conv_kxk: nn.Sequential | None
+        self.conv_1x1: nn.Sequential | None
+        self.identity: nn.BatchNorm2d | None
+        self.deployed: nn.Conv2d | None
+        for name in ("conv_kxk", "conv_1x1", "identity", "deployed"):  # both forms list all four, in this order
+            self.register_module(name, None)
+        if deploy:  # the deployed form directly, e.g. to load a deployed block's state_dict
+            self.deployed = nn.Conv2d(in_channels, out_channels, kernel_size, stride, self.padding, groups=groups,
+                                      bias=True)
+            return
+        self.conv_kxk = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size, stride, self.padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
         )
-        self.conv_1x1: nn.Sequential | None = (
-            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, 0, groups=groups, bias=False),
-                          nn.BatchNorm2d(out_channels))
-            if use_1x1 else None
-        )
-        self.identity: nn.BatchNorm2d | None = nn.BatchNorm2d(in_channels) if use_identity else None
-        self.deployed: nn.Conv2d | None = None
+        if use_1x1:
+            self.conv_1x1 = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, 0, groups=groups,
+                                                    bias=False), nn.BatchNorm2d(out_channels))
+        if use_identity:
+            self.identity = nn.BatchNorm2d(in_channels)
 
     @property
     def is_deployed(self) -> bool:
@@ -432,18 +463,13 @@ class RepBlock(nn.Module):
         return branches
 
     def deployed_conv(self) -> nn.Conv2d:
-        """A new Conv2d equal to this block in eval mode (the block itself is not changed)."""
+        """A new Conv2d equal to this block in eval mode (the block itself is not changed).
+
+        Its weight is rounded once to the kxk conv's dtype and laid out like it (channels_last stays).
+        """
         if self.deployed is not None:
             return copy.deepcopy(self.deployed)
-        reference = self.conv_kxk[0].weight
-        weight, bias = merge_branches([(w, b) for _, w, b in self.branch_kernels()], self.kernel_size,
-                                      reference.dtype)
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         groups=self.groups, bias=True, device=reference.device, dtype=reference.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.bias.copy_(bias)
-        return conv
+        return _conv_from_branches([(w, b) for _, w, b in self.branch_kernels()], self.conv_kxk[0])
 
     def reparameterize(self) -> RepBlock:
         """Switch in place to ``.deployed`` (one conv with bias) and drop the branches; returns ``self``.

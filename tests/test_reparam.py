@@ -380,6 +380,55 @@ def test_reparameterize_model_after_fuse_model_folded_the_branches():
         assert compare_outputs(reference, deployed(x), rtol=RTOL).passed
 
 
+def _is_nearest(rounded: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Per element: no neighbour of ``rounded`` (in its own dtype) is closer to the float64 ``exact``."""
+    error = (rounded.double() - exact).abs()
+    return torch.stack([(torch.nextafter(rounded, torch.full_like(rounded, d)).double() - exact).abs() >= error
+                        for d in (float("inf"), float("-inf"))]).all(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_deployed_weights_are_the_nearest_reduced_numbers_to_the_exact_merge(dtype):
+    torch.manual_seed(0)
+    block = randomize_batchnorm(RepBlock(256, 256, 3)).eval().to(dtype)
+    exact = copy.deepcopy(block).double().deployed_conv()  # the same values in float64: nothing to round
+    deployed = block.deployed_conv()
+    assert deployed.weight.dtype == dtype
+    assert bool(_is_nearest(deployed.weight.detach(), exact.weight.detach()).all())
+    assert bool(_is_nearest(deployed.bias.detach(), exact.bias.detach()).all())
+    weight, _ = merge_branches([(w, b) for _, w, b in block.branch_kernels()], 3, dtype)
+    assert torch.equal(weight, deployed.weight)
+
+
+def test_reparameterize_keeps_channels_last():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(RepBlock(8, 8, 3), RepBlock(8, 16, 3, stride=2))).eval()
+    model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 10, 10).contiguous(memory_format=torch.channels_last)
+    deployed = reparameterize_model(model)
+    for block in deployed:
+        assert block.deployed.weight.is_contiguous(memory_format=torch.channels_last)
+    assert merge_conv_branches(model[0].conv_kxk[0], model[0].conv_1x1[0]).weight.is_contiguous(
+        memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert compare_outputs(model(x), deployed(x), rtol=RTOL).passed
+
+
+def test_a_deployed_state_dict_loads_into_a_block_built_deployed():
+    torch.manual_seed(0)
+    block = randomize_batchnorm(RepBlock(8, 8, 3, groups=2)).eval()
+    deployed = reparameterize_model(block)
+    fresh = RepBlock(8, 8, 3, groups=2, deploy=True).eval()
+    assert fresh.is_deployed and fresh.conv_kxk is None and fresh.conv_1x1 is None and fresh.identity is None
+    assert repr(fresh) == repr(deployed)
+    fresh.load_state_dict(deployed.state_dict())  # strict: the same keys
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():
+        assert torch.equal(fresh(x), deployed(x))
+        assert compare_outputs(block(x), fresh(x), rtol=RTOL).passed
+    assert fresh.reparameterize() is fresh and reparameterize_model(fresh).is_deployed
+
+
 # ----------------------------------------------------------------------------- course models
 @pytest.fixture(scope="module", params=["rep_resnet18", "rep_mobilenet_v2"])
 def rep_models(request):
