@@ -19,13 +19,13 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch.fx as fx
 from torch import nn
 
 __all__ = ["eval_mode", "require_eval_mode", "set_submodule", "carry_forward_hooks", "warn_dropped_hooks",
-           "hook_names"]
+           "hook_names", "HOOK_KINDS"]
 
 
 @contextlib.contextmanager
@@ -71,43 +71,50 @@ def set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
 # --------------------------------------------------------------------------
 # The hook policy: replaced modules hand their hooks on, removed ones say so
 # --------------------------------------------------------------------------
-# torch keeps each kind of hook in an OrderedDict {handle id: hook}; the flags
-# (with_kwargs, always_call) live in side dicts keyed by the same id.
-_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs",
-                       "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-_HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hook", "_forward_hooks": "forward hook",
-               "_backward_pre_hooks": "backward pre-hook", "_backward_hooks": "backward hook"}
+#: Hook kinds -> the attributes torch keeps them in: an OrderedDict {handle id: hook} first,
+#: then the flag dicts (with_kwargs, always_call) keyed by the same ids.
+HOOK_KINDS: dict[str, tuple[str, ...]] = {
+    "forward_pre": ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"),
+    "forward": ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "backward_pre": ("_backward_pre_hooks",),
+    "backward": ("_backward_hooks",),
+}
+_LABELS = {"forward_pre": "forward pre-hook", "forward": "forward hook",
+           "backward_pre": "backward pre-hook", "backward": "backward hook"}
 
 
-def hook_names(module: nn.Module, kinds: tuple[str, ...] = tuple(_HOOK_KINDS)) -> list[str]:
-    """``["forward hook 'log'", ...]``: the hooks of ``module`` of these kinds (attribute names), in order."""
-    return [f"{_HOOK_KINDS[kind]} {getattr(hook, '__qualname__', None) or repr(hook)!r}"
-            for kind in kinds for hook in getattr(module, kind, {}).values()]
+def hook_names(module: nn.Module, kinds: Iterable[str] = tuple(HOOK_KINDS)) -> list[str]:
+    """``["forward hook 'log'", ...]``: the hooks of ``module`` of these kinds (keys of ``HOOK_KINDS``), in order."""
+    return [f"{_LABELS[kind]} {getattr(hook, '__qualname__', None) or repr(hook)!r}"
+            for kind in kinds for hook in getattr(module, HOOK_KINDS[kind][0], {}).values()]
 
 
-def carry_forward_hooks(old: nn.Module, new: nn.Module, name: str = "") -> None:
-    """Give ``new`` (the replacement) the forward pre-hooks and forward hooks of ``old``.
+def carry_forward_hooks(old: nn.Module, new: nn.Module, name: str = "", *,
+                        kinds: tuple[str, ...] = ("forward_pre", "forward")) -> None:
+    """Move the forward pre-hooks and forward hooks of ``old`` onto ``new``, its replacement.
 
-    The ``with_kwargs`` / ``always_call`` flags come along, and hooks run in
-    the order they were registered (``old``'s first). Where ``new`` has no
-    hooks of a kind, it takes ``old``'s dict itself, so the handles that
-    ``register_forward_hook`` returned still remove them. Backward hooks are
-    not carried: each one is named in a warning (:func:`warn_dropped_hooks`),
-    with ``name`` (the module's name in its model) when given.
+    ``with_kwargs`` / ``always_call`` flags come along, and the hooks run in
+    the order they were registered (``old``'s before any ``new`` already had).
+    Where ``new`` has no hooks of a kind, it takes ``old``'s dict itself, so the
+    handles ``register_forward_hook`` returned still remove them; ``old`` is
+    left without them (a replaced module that lives on inside its replacement
+    does not run them twice). ``kinds`` narrows what moves (a fused group takes
+    the first module's pre-hooks and the last one's forward hooks); every
+    other hook of ``old``, backward hooks included, is named in a warning
+    (:func:`warn_dropped_hooks`), with ``name``, the module's name in its model.
     """
     if old is new:
         return
-    for kind in _FORWARD_HOOK_DICTS:
-        theirs = getattr(old, kind, None)
-        if not theirs:
-            continue
-        mine = getattr(new, kind, None)
-        if not mine:
-            setattr(new, kind, theirs)
-        else:  # old's hooks first, then the ones new already had
-            setattr(new, kind, OrderedDict([*theirs.items(), *mine.items()]))
-    warn_dropped_hooks(old, name or "<module>", f"it is replaced by a {type(new).__name__}, which keeps only "
-                       "forward pre-hooks and forward hooks", kinds=("_backward_pre_hooks", "_backward_hooks"))
+    for kind in kinds:
+        for attr in HOOK_KINDS[kind]:
+            theirs, mine = getattr(old, attr, None), getattr(new, attr, None)
+            if not theirs:
+                continue
+            setattr(new, attr, theirs if not mine else OrderedDict([*theirs.items(), *mine.items()]))
+            setattr(old, attr, OrderedDict())
+    others = tuple(k for k in HOOK_KINDS if k not in kinds)
+    warn_dropped_hooks(old, name or "<module>", f"it is replaced by a {type(new).__name__}, which takes only its "
+                       + " and ".join(f"{_LABELS[k]}s" for k in kinds), kinds=others)
 
 
 def _first_frame_outside_fusionlib() -> int:
@@ -120,7 +127,7 @@ def _first_frame_outside_fusionlib() -> int:
 
 
 def warn_dropped_hooks(module: nn.Module, name: str, why: str, *, error: bool = False,
-                       kinds: tuple[str, ...] = tuple(_HOOK_KINDS)) -> None:
+                       kinds: Iterable[str] = tuple(HOOK_KINDS)) -> None:
     """Name every hook of ``module`` (called ``name`` in its model) that a transform drops, and why.
 
     One ``UserWarning`` per hook; with ``error=True`` a ``ValueError`` listing

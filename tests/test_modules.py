@@ -17,6 +17,9 @@ def test_carry_forward_hooks_keeps_every_variant_and_its_handle():
     carry_forward_hooks(old, new)
     new(torch.zeros(1, 2))
     assert calls == ["pre", "pre_kw", "fwd_kw", "always", "own"]
+    calls.clear()
+    old(torch.zeros(1, 2))  # moved, not copied: a replaced module living on inside its replacement runs none
+    assert calls == []
     pre.remove()  # a handle from the replaced module still removes its hook from the replacement
     calls.clear()
     new(torch.zeros(1, 2))
@@ -43,3 +46,16 @@ def test_warn_dropped_hooks_names_the_hook_and_the_module_or_raises():
         warn_dropped_hooks(bn, "bn1", "folded into conv1")
     with pytest.raises(ValueError, match=r"'bn1' \(BatchNorm2d\) carries forward hook .*log_stats"):
         warn_dropped_hooks(bn, "bn1", "folded into conv1", error=True)
+
+
+def test_carry_forward_hooks_takes_only_the_kinds_asked_and_names_the_rest():
+    conv, fused = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
+    conv.register_forward_pre_hook(lambda m, a: None)
+
+    def after_conv(m, a, out):
+        pass
+
+    conv.register_forward_hook(after_conv)
+    with pytest.warns(UserWarning, match=r"forward hook .*after_conv.* on 'block.conv' \(Conv2d\) is dropped"):
+        carry_forward_hooks(conv, fused, "block.conv", kinds=("forward_pre",))
+    assert len(fused._forward_pre_hooks) == 1 and not fused._forward_hooks
