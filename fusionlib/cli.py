@@ -8,13 +8,16 @@
     fusionlib report DIR [--x PARAM] [--y FIGURE]... [--by PARAM] [--no-plots]
     fusionlib report DIR --y 'speedup_fold_resnet18_b*' --x batch [--by PARAM]
 
-``-p`` values are YAML: ``-p seed=1 -p model_names='["resnet18"]' -p tag=fast``.
+``-p`` values are YAML 1.2: ``-p seed=1 -p lr=1e-3 -p model_names='["resnet18"]' -p tag=fast``.
 ``run`` and ``sweep`` check every notebook, parameter name and value type before
 the first run, write one folder per run and ``summary.csv`` / ``summary.md`` in
 ``DIR`` (default ``runs/<timestamp>/``), print the summary, and exit 1 when a
 run failed. ``report`` prints a folder's table and writes PNG plots of a figure
 against a parameter into ``DIR/plots/``. ``python -m fusionlib`` is the same
-command. Grids, executors and plots are in :mod:`fusionlib.sweeps`.
+command. Grids, executors and plots are in :mod:`fusionlib.sweeps`; no library
+module imports this one. Paths may be relative: the output folder is made
+absolute before anything runs, and printed as typed. Ctrl-C stops a sweep with
+one line (exit status 130); ``--resume`` continues it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fusionlib import sweeps
-from fusionlib.experiments import RunResult, format_summary, new_run_dir, parse_parameters
+from fusionlib.sweeps import RunResult, format_summary, new_run_dir, parse_parameters
 
 
 def _print_header() -> None:
@@ -34,10 +37,18 @@ def _print_header() -> None:
     print()
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the user would type it: relative to the working folder when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _finish(out: Path, results: Sequence[RunResult]) -> int:
     print()
     print(format_summary(results))
-    print(f"\nexecuted notebooks and summary.csv / summary.md in {out}/")
+    print(f"\nexecuted notebooks and summary.csv / summary.md in {_shown(out)}/")
     failed = [r for r in results if r.status not in ("ok", "pending")]
     if failed:
         print(f"{len(failed)} of {len(results)} notebook run(s) FAILED: " + ", ".join(r.run or r.notebook for r in failed),
@@ -50,9 +61,16 @@ def run_notebooks(notebooks: Sequence[str], parameters: Mapping[str, Any], out: 
                   workers: int = 1, timeout: float | None = None) -> int:
     """``fusionlib run``: every notebook once with ``parameters``; the exit status."""
     runs = sweeps.plan_runs([Path(n) for n in notebooks], [dict(parameters)])
+    timeout = sweeps.check_timeout(timeout)
     _print_header()
-    out_dir = Path(out) if out else new_run_dir()
-    return _finish(out_dir, sweeps.run_sweep(runs, out_dir, workers=workers, timeout=timeout))
+    out_dir = Path(out).resolve() if out else new_run_dir()
+    try:
+        results = sweeps.run_sweep(runs, out_dir, workers=workers, timeout=timeout)
+    except sweeps.FolderInUse as exc:
+        raise sweeps.SweepError(f"{_shown(exc.folder)} already holds runs: give `fusionlib run` a new --out "
+                                "(or none, for a new runs/<timestamp>/), or continue a sweep there with "
+                                f"`fusionlib sweep GRID.yaml --out {_shown(exc.folder)} --resume`") from None
+    return _finish(out_dir, results)
 
 
 def run_grid(grid: Mapping[str, Any] | str | Path, out: str | None = None, workers: int | None = None,
@@ -60,11 +78,12 @@ def run_grid(grid: Mapping[str, Any] | str | Path, out: str | None = None, worke
              timeout: float | None = None) -> int:
     """``fusionlib sweep``: every run of a grid (a mapping or a YAML file); the exit status."""
     runs = sweeps.plan_sweep(grid)
+    timeout = sweeps.check_timeout(timeout)
     if resume and not out:
         raise sweeps.SweepError("--resume needs --out DIR, the folder of the sweep to continue")
     _print_header()
-    out_dir = Path(out) if out else new_run_dir()
-    print(f"{len(runs)} runs into {out_dir}/", flush=True)
+    out_dir = Path(out).resolve() if out else new_run_dir()
+    print(f"{len(runs)} runs into {_shown(out_dir)}/", flush=True)
     results = sweeps.run_sweep(runs, out_dir, executor=executor, workers=workers, scheduler=scheduler,
                                resume=resume, timeout=timeout)
     return _finish(out_dir, results)
@@ -107,7 +126,7 @@ def report(folder: str | Path, x: str | None = None, ys: Sequence[str] = (), by:
         print(sweeps.format_points(sweeps.aggregate(results, y, x, by), y, x))
         if plots:
             path = sweeps.plot_figure(results, y, x, by, folder / "plots" / f"{sweeps.run_name(y.replace('*', '_' + x), {})}.png")
-            print(f"plot: {path}")
+            print(f"plot: {_shown(path)}")
             written.append(path)
     return written
 
@@ -164,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (sweeps.SweepError, ValueError) as exc:
         print(f"fusionlib {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except sweeps.SweepInterrupted as exc:
+        again = (f"`fusionlib sweep {args.grid} --out {_shown(exc.out)} --resume` continues it"
+                 if args.command == "sweep" else "run them again into a new --out")
+        print(f"\nfusionlib {args.command}: {exc}; summary.csv in {_shown(exc.out)}/; {again}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before any run started
+        print(f"\nfusionlib {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

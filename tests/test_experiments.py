@@ -10,7 +10,9 @@ import nbformat
 import pytest
 
 from fusionlib import bench
+from fusionlib import cli, sweeps
 from fusionlib import experiments as ex
+from fusionlib.display import format_table
 
 
 def _strict_json(text):
@@ -122,25 +124,24 @@ def test_read_records_finds_the_mimetype_outputs_last_one_wins():
     assert ex.read_records(nb) == {"a": 2}
 
 
-def test_parse_parameters_and_grid():
-    assert ex.parse_parameters(["seed=1", "model=resnet18", "lr=0.1"]) == {"seed": 1, "model": "resnet18", "lr": 0.1}
-    grid = ex.parse_parameters(["b=1,8", "m=a,b"], sweep_lists=True)
-    assert grid == {"b": [1, 8], "m": ["a", "b"]}
+def test_parse_parameters():
+    assert sweeps.parse_parameters(["seed=1", "model=resnet18", "lr=0.1"]) == {"seed": 1, "model": "resnet18",
+                                                                               "lr": 0.1}
     with pytest.raises(ValueError, match="'seed'"):
-        ex.parse_parameters(["seed"])
+        sweeps.parse_parameters(["seed"])
     with pytest.raises(ValueError, match="not a Python identifier"):
-        ex.parse_parameters(["bad-name=1"])
+        sweeps.parse_parameters(["bad-name=1"])
 
 
 def test_format_table_aligns_columns():
-    text = ex.format_table(["name", "value"], [["a", 1.23456789], ["long name", 2]])
+    text = format_table(["name", "value"], [["a", 1.23456789], ["long name", 2]])
     lines = text.splitlines()
     assert lines[0].startswith("name") and set(lines[1]) <= {"-", " "}
     assert "1.235" in lines[2] and lines[3].startswith("long name")
 
 
 def _result(notebook, records, status="ok", error="", parameters=None):
-    return ex.RunResult(notebook, f"runs/x/{notebook}", status, 12.345, parameters or {}, records, error)
+    return sweeps.RunResult(notebook, f"runs/x/{notebook}", status, 12.345, parameters or {}, records, error)
 
 
 def test_summary_fits_120_columns_and_shows_headline_figures(tmp_path):
@@ -154,7 +155,7 @@ def test_summary_fits_120_columns_and_shows_headline_figures(tmp_path):
         _result("bad.ipynb", {}, "failed", "PapermillExecutionError: " + "x" * 150),
         _result("01_conv2d_anatomy.ipynb", {"resnet18_mparams": 11.2, "resnet18_gmacs": 1.8}),
     ]
-    text = ex.format_summary(results)
+    text = sweeps.format_summary(results)
     assert max(len(line) for line in text.splitlines()) <= 120, text
     flat = " ".join(text.split())
     # speed-ups first, then errors, then accuracies: 3 headline figures
@@ -162,20 +163,18 @@ def test_summary_fits_120_columns_and_shows_headline_figures(tmp_path):
     assert "test_accuracy" not in flat and "(+3 more in summary.csv)" in flat
     assert "nodes_resnet18" not in flat and "resnet18_mparams = 11.2" in flat  # no headline names: the first ones
     assert "FAILED" in text and "12.3" in text
-    ex.write_summary(results, tmp_path)
+    sweeps.write_summary(results, tmp_path)
     md = (tmp_path / "summary.md").read_text()
     for r in results:
         for name, value in r.records.items():
-            assert any(line.split()[:1] == [name] and ex._cell(value) in line for line in md.splitlines()), name
+            assert any(line.split()[:1] == [name] and sweeps.results._cell(value) in line for line in md.splitlines()), name
     assert "x" * 150 in md.replace("\n", "")
     header = next(csv.reader(open(tmp_path / "summary.csv")))
     assert long in header and f"{long}_hi" in header and "nodes_resnet18" in header
 
 
 def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
-    """A parameterized run records its figures; a failing notebook is reported, the rest still run.
-
-    ``python -m fusionlib.experiments`` (notebook 00 calls it) goes through ``fusionlib.cli``."""
+    """A parameterized run records its figures; a failing notebook is reported, the rest still run."""
     good = _notebook(tmp_path / "good.ipynb", [
         "from fusionlib.experiments import record\nrecord('twice_x', 2 * x)",
         # where the kernel's IPC sockets are, and whether any landed in the notebook's folder
@@ -188,7 +187,7 @@ def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
     ])
     bad = _notebook(tmp_path / "bad.ipynb", ["raise RuntimeError('boom')"])
     out = tmp_path / "out"
-    code = ex.main(["run", str(bad), str(good), "-p", "x=3", "-o", str(out)])
+    code = cli.main(["run", str(bad), str(good), "-p", "x=3", "-o", str(out)])
     assert code == 1
     rows = {r["notebook"]: r for r in ex.load_summary(out)}
     assert rows["good.ipynb"]["status"] == "ok" and rows["good.ipynb"]["twice_x"] == "6"
@@ -197,6 +196,7 @@ def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
     # one folder per run: parameters, executed notebook, log, status
     assert sorted(p.name for p in (out / "good__x=3").iterdir()) == ["good.ipynb", "log.txt", "parameters.json",
                                                                       "status.json"]
+    assert json.loads((out / "good__x=3" / "status.json").read_text())["output"] == "good.ipynb"  # movable
     records = ex.read_records(_strict_json((out / "good__x=3" / "good.ipynb").read_text()))  # standard JSON, NaN
     assert records["twice_x"] == 6 and records["ipc_files_here"] == 0 and math.isnan(records["nan_x"])
     assert (records["speedup_x"], records["speedup_x_lo"], records["speedup_x_hi"]) == (1.5, 1.4, 1.6)
@@ -206,7 +206,7 @@ def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("kernel-ipc*"))
 
     sweep_out = tmp_path / "sweep"
-    assert ex.main(["sweep", str(good), "-p", "x=1,2", "-o", str(sweep_out)]) == 0
+    assert cli.run_grid({"notebooks": [str(good)], "parameters": {"x": [1, 2]}}, out=str(sweep_out)) == 0
     with open(sweep_out / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [(r["x"], r["twice_x"]) for r in table] == [("1", "2"), ("2", "4")]

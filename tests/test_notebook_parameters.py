@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fusionlib.experiments import run_notebook
+from fusionlib.sweeps import run_notebook
 from fusionlib.glossary import check_records
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -90,6 +90,15 @@ BAD_GRIDS = [
     ("notebooks: [work.ipynb]\nparameters: {names: [b]}\n", r"'names' = 'b' is a str, but its default \['a'\] is a list"),
     ("notebooks: [work.ipynb]\nparameters: {names: [[1]]}\n", r"'names' = \[1\] is a list"),
     ("notebooks: [work.ipynb]\nruns: [{x: 1}, {x: 1}]\n", r"listed twice"),
+    # element types are named; the hint for a bare value shows both fixes
+    ("notebooks: [work.ipynb]\nparameters: {names: [[1, b]]}\n",
+     r"'names' = \[1, 'b'\] is a list of int and str, but its default \['a'\] is a list of str"),
+    ("notebooks: [work.ipynb]\nparameters: {ratio: 0.01}\n", r"\(one value: \[0.01\]; a list value: \[\[0.01\]\]\)"),
+    # YAML 1.2: no / on are words; a date or NaN is not JSON, refused when planned, by name
+    ("notebooks: [work.ipynb]\nparameters: {x: [no]}\n", r"'x' = 'no' is a str, but its default 1 is an int"),
+    ("notebooks: [work.ipynb]\nparameters: {anything: [2024-01-01]}\n",
+     r"'anything' = datetime.date\(2024, 1, 1\) is a date, which a run cannot take"),
+    ("notebooks: [work.ipynb]\nparameters: {ratio: [.nan]}\n", r"'ratio' = nan is a non-finite number"),
 ]
 
 
@@ -123,6 +132,45 @@ def test_accepted_values_and_the_plan(tmp_path, work):
     assert sweeps.plan_sweep(grid) == runs  # names are deterministic: --resume finds the same folders
 
 
+def test_values_are_yaml_1_2_everywhere(tmp_path, work):
+    """-p, grids, run names and figure families read values with one YAML 1.2 loader."""
+    assert sweeps.parse_parameters(["ratio=1e-3", "a=no", "b=on", "c=yes", "names=[x, 'y']", "s=1:30"]) == \
+        {"ratio": 0.001, "a": "no", "b": "on", "c": "yes", "names": ["x", "y"], "s": "1:30"}
+    sweeps.check_parameters(work[0], {"ratio": 1e-3})  # a float for a float: no "'1e-3' is a str"
+    grid = _grid(tmp_path, "notebooks: [work.ipynb]\nparameters: {ratio: [1e-3], anything: [no, off]}\n")
+    assert [r.parameters for r in sweeps.plan_sweep(grid)] == [{"ratio": 0.001, "anything": "no"},
+                                                               {"ratio": 0.001, "anything": "off"}]
+    assert sweeps.run_name("03.ipynb", {"tag": "no"}) == "03__tag=no"  # a word, not a bool in disguise: no hash
+    assert sweeps.run_name("03.ipynb", {"tag": "1e-3"}) != sweeps.run_name("03.ipynb", {"tag": 1e-3})
+    result = sweeps.RunResult("nb.ipynb", "r/nb.ipynb", "ok", 1.0, {}, {"err_lr1e-3": 2.0, "err_lrno": 3.0})
+    assert [r.parameters["lr"] for r in sweeps.expand_wildcard([result], "err_lr*", "lr")] == [0.001, "no"]
+
+
+def test_bad_values_on_the_command_line(tmp_path, work, capsys):
+    out = str(tmp_path / "o")
+    assert cli.main(["run", str(work[0]), "-p", "anything=2024-01-01", "--out", out]) == 2
+    assert "parameter 'anything' = datetime.date(2024, 1, 1) is a date" in capsys.readouterr().err
+    for bad in ("nan", "inf", "0", "-1"):
+        assert cli.main(["run", str(work[0]), "--timeout", bad, "--out", out]) == 2
+        assert "timeout must be a finite positive number of seconds" in capsys.readouterr().err
+        assert cli.main(["sweep", str(_grid(tmp_path, "notebooks: [work.ipynb]\n")), "--timeout", bad]) == 2
+        assert "timeout must be a finite positive number" in capsys.readouterr().err
+    assert not _calls(work[1]) and not (tmp_path / "o").exists()
+    assert [sweeps.check_timeout(t) for t in (2.5, 2, 0.1, None)] == [3, 2, 1, None]  # whole seconds, rounded up
+    with pytest.raises(sweeps.SweepError, match="got True"):
+        sweeps.check_timeout(True)
+
+
+def test_run_into_a_folder_that_holds_runs_says_what_run_can_do(tmp_path, work, capsys):
+    out = tmp_path / "o"
+    assert cli.main(["run", str(work[0]), "-p", "x=5", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(work[0]), "-p", "x=6", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "give `fusionlib run` a new --out" in err and "fusionlib sweep GRID.yaml --out" in err
+    assert "pass --resume" not in err and _calls(work[1]) == ["5"]
+
+
 def test_run_names_are_safe_and_distinct():
     name = sweeps.run_name("nb/03_fuse.ipynb", {"model": "a/b", "batch": 8})
     assert "/" not in name and name.startswith("03_fuse__model=a_b__batch=8-")
@@ -130,7 +178,7 @@ def test_run_names_are_safe_and_distinct():
     assert sweeps.run_name("03.ipynb", {"model": "a/b"}) != sweeps.run_name("03.ipynb", {"model": "a_b"})
     assert sweeps.run_name("03.ipynb", {"v": "1"}) != sweeps.run_name("03.ipynb", {"v": 1})
     long = sweeps.run_name("03.ipynb", {"names": ["resnet18"] * 40})
-    assert len(long) <= sweeps.MAX_NAME and long != sweeps.run_name("03.ipynb", {"names": ["resnet18"] * 41})
+    assert len(long) <= sweeps.plan.MAX_NAME and long != sweeps.run_name("03.ipynb", {"names": ["resnet18"] * 41})
     assert sweeps.run_name("03.ipynb", {}) == "03"
 
 
@@ -233,7 +281,7 @@ def test_dask_local_cluster_sweep(tmp_path, work):
     pytest.importorskip("dask.distributed")
 
     # a run on this (main) thread first: Dask's threads copy its context, and must not share its event loop
-    from fusionlib.experiments import run_notebook
+    from fusionlib.sweeps import run_notebook
 
     assert run_notebook(work[0], tmp_path / "main_thread.ipynb", {"x": 0}).status == "ok"
     grid = _grid(tmp_path, "notebooks: [work.ipynb]\nruns:\n  - {x: 1}\n  - {x: 2, fail: true}\n")
@@ -261,10 +309,10 @@ def _fake_sweep(out: Path) -> None:
                 runs.append(spec)
                 value = batch / 8 + (1 if model == "resnet18" else 2) + 0.1 * seed
                 (out / spec.name).mkdir(parents=True)
-                sweeps._write_json(out / spec.name / "status.json", {
+                sweeps.results.write_json(out / spec.name / "status.json", {
                     "status": "ok", "seconds": 1.0, "records": {"speedup_x": value, "speedup_x_lo": value - 0.1,
                                                                 "speedup_x_hi": value + 0.1, "nodes": 3}})
-    sweeps._write_json(out / sweeps.PLAN_FILE, {"runs": [r.as_dict() for r in runs]})
+    sweeps.results.write_json(out / sweeps.PLAN_FILE, {"runs": [r.as_dict() for r in runs]})
 
 
 def test_report_prints_the_table_and_plots_mean_and_sd_over_seeds(tmp_path, capsys):
@@ -306,8 +354,8 @@ def test_report_turns_a_family_of_figures_into_a_parameter(tmp_path, capsys):
             records = {f"speedup_fuse_resnet18_b{b}": b + threads + seed for b in (1, 8)}
             records["speedup_fuse_resnet18_b1_lo"] = 0.5
             (tmp_path / spec.name).mkdir()
-            sweeps._write_json(tmp_path / spec.name / "status.json", {"status": "ok", "records": records})
-    sweeps._write_json(tmp_path / sweeps.PLAN_FILE, {"runs": [r.as_dict() for r in runs]})
+            sweeps.results.write_json(tmp_path / spec.name / "status.json", {"status": "ok", "records": records})
+    sweeps.results.write_json(tmp_path / sweeps.PLAN_FILE, {"runs": [r.as_dict() for r in runs]})
     expanded = sweeps.expand_wildcard(sweeps.load_results(tmp_path), "speedup_fuse_resnet18_b*", "batch")
     assert len(expanded) == 8 and {r.parameters["batch"] for r in expanded} == {1, 8}
     assert all(set(r.records) <= {"speedup_fuse_resnet18_b*", "speedup_fuse_resnet18_b*_lo"} for r in expanded)
