@@ -42,14 +42,25 @@ convs and the classifier), and :func:`inject_lora` says so, naming the module.
 
 **Unfusing.** Rounding ``W + ΔW`` to fp32 loses low bits of ``W``, so
 subtracting ``ΔW`` again would not give ``W`` back exactly. A fused layer keeps
-its original weight (a non-persistent buffer ``weight_unfused``, one extra
-copy of the adapted weights while fused) and :meth:`LoRALayer.unmerge` copies it
+its original weight (a buffer ``weight_unfused``, one extra copy of the
+adapted weights while fused, None otherwise) and :meth:`LoRALayer.unmerge` copies it
 back, bit for bit. Fusing always starts from that original, so fusing twice
 never adds the update twice, and fusing with a new ``lora_scale`` replaces the
 old one. Changes made to a fused layer's ``base.weight`` are discarded by
-unfusing. Save adapters unfused (:func:`lora_state_dict`), or save the plain
-model from :func:`merge_and_unload`: a fused wrapper's ``state_dict`` holds the
-merged weight and not the flag that says so.
+unfusing.
+
+**Saving.** A fused layer's ``state_dict`` holds the merged weight
+(``base.weight``), the original (``weight_unfused``) and its ``λ``
+(``merged_scale``); an unfused layer's holds neither of the last two. Loading
+unfuses the layer first, then takes the state as it was saved: a fused state
+comes back fused (and unfuses bit for bit), an unfused one unfused, whatever
+the layer was before. :func:`lora_state_dict` saves the adapters alone;
+:func:`merge_and_unload` gives the plain model to deploy.
+
+**Hooks.** Forward pre-hooks and forward hooks follow the layer's name
+(:func:`fusionlib.modules.carry_forward_hooks`): :func:`inject_lora` moves them
+from the layer to its wrapper, :func:`merge_and_unload` back to the plain
+layer, so a hook on ``"fc"`` always sees what ``fc`` computes, adapter included.
 
 Public names: :class:`LoRALinear`, :class:`LoRAConv2d` (the layers; both are
 :class:`LoRALayer`), :func:`lora_delta` and :func:`merge_lora_weight` (the
@@ -66,7 +77,9 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import numbers
 import time
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -75,6 +88,7 @@ from torch import nn
 
 from fusionlib.folding import round_to_nearest
 from fusionlib.models import _check_dropout
+from fusionlib.modules import carry_forward_hooks
 
 __all__ = [
     "LoRALayer",
@@ -108,17 +122,32 @@ def _check_rank(r: Any) -> None:
         raise ValueError(f"r (the adapter's rank) must be a positive int, got {r!r}; typical values are 1 to 64")
 
 
-def _check_alpha(alpha: Any) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+def _real(value: Any) -> float | None:
+    """``float(value)`` for a finite real number (int, float, numpy scalar, 0-d real tensor; not bool), else None."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.dtype.is_complex or value.dtype == torch.bool):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _check_alpha(alpha: Any) -> float:
+    """``alpha`` as a float; ``ValueError`` unless it is a positive finite real number."""
+    value = _real(alpha)
+    if value is None or value <= 0:
         raise ValueError(
             f"alpha must be a positive finite number, got {alpha!r}; the update is scaled by alpha / r "
             "(alpha = r gives scaling 1, alpha = 2r is a common choice)"
         )
+    return value
 
 
-def _check_lora_scale(lora_scale: Any) -> None:
-    if isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
+def _check_lora_scale(lora_scale: Any) -> float:
+    """``lora_scale`` as a float; ``ValueError`` unless it is a finite real number."""
+    value = _real(lora_scale)
+    if value is None:
         raise ValueError(f"lora_scale must be a finite number (1.0 fuses the update as trained), got {lora_scale!r}")
+    return value
 
 
 # --------------------------------------------------------------------------
@@ -185,11 +214,12 @@ class LoRALayer(nn.Module):
     lora_A: nn.Parameter
     lora_B: nn.Parameter
     weight_unfused: torch.Tensor | None
+    merged_scale: torch.Tensor | None
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         _check_rank(r)
-        _check_alpha(alpha)
+        alpha = _check_alpha(alpha)
         _check_dropout(dropout)
         self.base = base
         self.r, self.alpha, self.dropout_p = r, alpha, float(dropout)
@@ -199,8 +229,9 @@ class LoRALayer(nn.Module):
         self._base_requires_grad = {name: p.requires_grad for name, p in base.named_parameters(recurse=False)}
         for p in base.parameters(recurse=False):
             p.requires_grad_(False)
-        self.register_buffer("weight_unfused", None, persistent=False)
-        self.lora_scale: float | None = None  # the λ of the fused update, None while unfused
+        # while fused: the original W and the λ of the update (saved in the state_dict), else None
+        self.register_buffer("weight_unfused", None)
+        self.register_buffer("merged_scale", None)
 
     def reset_lora_parameters(self) -> None:
         """``A``: Kaiming-uniform (a = √5, as ``nn.Linear`` and loralib / PEFT); ``B``: zeros, so the update starts at 0."""
@@ -212,6 +243,11 @@ class LoRALayer(nn.Module):
         """True while the update is fused into ``base.weight``."""
         return self.weight_unfused is not None
 
+    @property
+    def lora_scale(self) -> float | None:
+        """The λ of the fused update; None while unfused."""
+        return None if self.merged_scale is None else float(self.merged_scale)
+
     def delta_weight(self, lora_scale: float = 1.0) -> torch.Tensor:
         """``λ · s · B A`` in float64, shaped like ``base.weight`` (:func:`lora_delta`)."""
         return lora_delta(self.lora_A, self.lora_B, self.scaling, lora_scale)
@@ -222,13 +258,13 @@ class LoRALayer(nn.Module):
         Always computed from the original ``W``: merging again recomputes the
         same ``W'`` (or the one for a new ``lora_scale``), never adds twice.
         """
-        _check_lora_scale(lora_scale)
+        lora_scale = _check_lora_scale(lora_scale)
         original = self.weight_unfused if self.merged else self.base.weight.detach().clone()
         fused = merge_lora_weight(original, self.lora_A, self.lora_B, self.scaling, lora_scale)
         with torch.no_grad():
             self.base.weight.copy_(fused)
         self.weight_unfused = original
-        self.lora_scale = float(lora_scale)
+        self.merged_scale = torch.tensor(lora_scale, dtype=torch.float64, device=original.device)
         return self
 
     def unmerge(self) -> "LoRALayer":
@@ -237,8 +273,16 @@ class LoRALayer(nn.Module):
             with torch.no_grad():
                 self.base.weight.copy_(self.weight_unfused)
             self.weight_unfused = None
-            self.lora_scale = None
+            self.merged_scale = None
         return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Unfuse first, then load the state as saved: fused (it holds ``weight_unfused``) or not."""
+        self.unmerge()
+        if prefix + "weight_unfused" in state_dict:  # room for the saved original W and λ, loaded by torch
+            self.weight_unfused = torch.empty_like(self.base.weight.detach())
+            self.merged_scale = torch.full((), math.nan, dtype=torch.float64, device=self.base.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - defined by the subclasses
         raise NotImplementedError
@@ -366,7 +410,11 @@ def _resolve_targets(model: nn.Module, target_modules: Any) -> list[str]:
     if not items:
         raise ValueError("target_modules is empty: give dotted module names (e.g. 'fc', 'layer1.0.conv1') "
                          "or module types (nn.Linear, nn.Conv2d)")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # each module under its first name
+    names_of: dict[int, list[str]] = {}  # every name of each module, aliases included
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
+    aliases = {alias: names[0] for names in names_of.values() for alias in names[1:]}
     inside = _names_inside_lora(model)
     names: list[str] = []
     for item in items:
@@ -382,6 +430,7 @@ def _resolve_targets(model: nn.Module, target_modules: Any) -> list[str]:
                                  "(outside existing LoRA layers)")
             names += found
         elif isinstance(item, str):
+            item = aliases.get(item, item)  # an alias is refused below, with all its names
             if item not in modules or item == "":
                 close = difflib.get_close_matches(item, [n for n in modules if n], n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -391,6 +440,13 @@ def _resolve_targets(model: nn.Module, target_modules: Any) -> list[str]:
             names.append(item)
         else:
             raise TypeError(f"target_modules entries are dotted names (str) or module types, got {item!r}")
+    for name in names:
+        shared = names_of[id(modules[name])]
+        if len(shared) > 1:
+            raise ValueError(
+                f"'{name}' is one module under several names ({', '.join(map(repr, shared))}): an adapter on one "
+                "name would also change the other uses once fused. Give each use its own layer (copy.deepcopy) "
+                "before inject_lora, or leave it without an adapter.")
     order = {n: i for i, n in enumerate(modules)}
     return sorted(dict.fromkeys(names), key=order.__getitem__)
 
@@ -420,7 +476,7 @@ def inject_lora(
     ``model`` itself.
     """
     _check_rank(r)
-    _check_alpha(alpha)
+    alpha = _check_alpha(alpha)
     _check_dropout(dropout)
     names = _resolve_targets(model, target_modules)
     wrappers = {}
@@ -432,8 +488,28 @@ def inject_lora(
             raise ValueError(f"cannot put a LoRA adapter on '{name}': LoRAConv2d {problem}")
     target = model if inplace else copy.deepcopy(model)
     for name, wrapper in wrappers.items():  # ... then rewrite
-        target.set_submodule(name, wrapper(target.get_submodule(name), r, alpha, dropout))
+        base = target.get_submodule(name)
+        layer = wrapper(base, r, alpha, dropout)
+        _move_forward_hooks(base, layer, name)
+        target = _replace(target, name, layer)
     return target
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """``model.<name> = new``; the model itself is replaced when ``name`` is "" (the root). Returns the model."""
+    if not name:
+        return new
+    model.set_submodule(name, new)
+    return model
+
+
+def _move_forward_hooks(base: nn.Module, wrapper: nn.Module, name: str) -> None:
+    """The hook policy for a layer that lives on inside its wrapper: the wrapper takes the layer's forward
+    pre-hooks and forward hooks (:func:`fusionlib.modules.carry_forward_hooks`). Its backward hooks stay on
+    the layer, which still runs, so they are not dropped and carry's warning saying so is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The backward", category=UserWarning)
+        carry_forward_hooks(base, wrapper, name)
 
 
 def _require_lora(model: nn.Module, what: str) -> dict[str, LoRALayer]:
@@ -451,7 +527,7 @@ def fuse_lora(model: nn.Module, lora_scale: float = 1.0) -> nn.Module:
     with another ``lora_scale`` replaces the previous update. A model without
     LoRA layers raises ``ValueError``.
     """
-    _check_lora_scale(lora_scale)
+    lora_scale = _check_lora_scale(lora_scale)
     for layer in _require_lora(model, "fuse_lora").values():
         layer.merge(lora_scale)
     return model
@@ -469,27 +545,31 @@ def unfuse_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module, lora_scale: float = 1.0, *, inplace: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, lora_scale: float | None = None, *, inplace: bool = False) -> nn.Module:
     r"""A plain model: each LoRA layer replaced by its base layer with the fused weight ``W + λ · (alpha / r) · B A``.
+
+    ``lora_scale=None`` (default): a fused layer keeps the weight it has (its
+    own λ, as PEFT keeps merged weights), an unfused one is fused with λ = 1.
+    A number: every layer is fused with that λ, from its original weight.
 
     The result has no LoRA modules and the architecture the model had before
     :func:`inject_lora`; each base parameter gets back the ``requires_grad`` it
-    had then. ``inplace=False`` (default) never touches ``model`` (a fused model
-    stays fused, an unfused one unfused); ``inplace=True`` unwraps ``model``
-    itself. Fused layers are re-fused from their original weight with
-    ``lora_scale``.
+    had then, and each base layer the forward hooks of its wrapper.
+    ``inplace=False`` (default) never touches ``model`` (a fused model stays
+    fused, an unfused one unfused); ``inplace=True`` unwraps ``model`` itself.
     """
-    _check_lora_scale(lora_scale)
+    if lora_scale is not None:
+        lora_scale = _check_lora_scale(lora_scale)
     _require_lora(model, "merge_and_unload")
     target = model if inplace else copy.deepcopy(model)
     for name, layer in lora_layers(target).items():
-        base = layer.merge(lora_scale).base
+        if lora_scale is not None or not layer.merged:
+            layer.merge(1.0 if lora_scale is None else lora_scale)
+        base = layer.base
         for pname, p in base.named_parameters(recurse=False):
             p.requires_grad_(layer._base_requires_grad.get(pname, True))
-        if name:
-            target.set_submodule(name, base)
-        else:
-            target = base
+        carry_forward_hooks(layer, base, name)
+        target = _replace(target, name, base)
     return target
 
 

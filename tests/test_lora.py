@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -298,7 +299,9 @@ def test_merge_and_unload_returns_the_plain_architecture_and_never_touches_the_m
         reference = adapted(x)
     for fused_first in (False, True):
         if fused_first:
-            fuse_lora(adapted, lora_scale=0.25)  # merge_and_unload re-fuses from the original weights
+            fuse_lora(adapted, lora_scale=0.25)  # merge_and_unload keeps a fused layer's own scale
+            with torch.no_grad():
+                reference = adapted(x)
         before = fingerprint(adapted)
         plain = merge_and_unload(adapted)
         assert_unchanged(adapted, before)
@@ -493,3 +496,112 @@ def test_unfused_course_model_gets_its_original_weights_back(lora_models):
     base_keys = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
     for key, value in plain.state_dict().items():
         assert torch.equal(base_keys[key], value), key
+
+
+# ----------------------------------------------------------------------------- edges: aliases, scales, state, hooks
+def aliased_model() -> nn.Sequential:
+    """``'0'`` and ``'2'`` are one Linear: the model applies it twice."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    return nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(6, 3)).eval()
+
+
+@pytest.mark.parametrize("target", ["0", "2", nn.Linear, ["3", "2"]])
+def test_a_layer_used_under_two_names_is_refused_naming_both(target):
+    model = aliased_model()
+    before = fingerprint(model)
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=r"'0' is one module under several names \('0', '2'\)"):
+            inject_lora(model, target, r=2, alpha=2, inplace=inplace)
+        assert_unchanged(model, before)
+    assert list(lora_layers(inject_lora(model, "3", r=2, alpha=2))) == ["3"]
+
+
+def test_merge_and_unload_keeps_each_fused_layers_own_scale(adapted_toy):
+    _, adapted = adapted_toy
+    x = torch.randn(2, 3, 8, 8)
+    fuse_lora(adapted, lora_scale=0.5)
+    lora_layers(adapted)["9"].merge(0.25)
+    with torch.no_grad():
+        reference = adapted(x)
+        kept = merge_and_unload(adapted)
+        assert torch.equal(kept(x), reference)
+        assert torch.equal(kept[9].weight, adapted[9].base.weight)
+        rescaled = merge_and_unload(adapted, lora_scale=1.0)  # a scale given: every layer takes it
+        assert torch.equal(rescaled(x), fuse_lora(copy.deepcopy(adapted), 1.0)(x))
+        assert not torch.equal(rescaled(x), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_state_dict_round_trip_comes_back_fused_and_unfuses_exactly(dtype):
+    torch.manual_seed(0)
+    plain = randomize_batchnorm(models.build("resnet18"), seed=0).eval().to(dtype)
+    adapted = randomize_adapters(inject_lora(plain, dense_layer_names(plain), r=2, alpha=4), seed=3)
+    x = data.digits_tensors()[2][:2].to(dtype)
+    fused = fuse_lora(copy.deepcopy(adapted), lora_scale=0.5)
+    with torch.no_grad():
+        expected_fused, expected_unfused = fused(x), adapted(x)
+    state = copy.deepcopy(fused.state_dict())
+
+    fresh = inject_lora(plain, dense_layer_names(plain), r=2, alpha=4)  # unfused, other adapters
+    fresh.load_state_dict(state)
+    assert all(layer.merged and layer.lora_scale == 0.5 for layer in lora_layers(fresh).values())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected_fused)
+        unfuse_lora(fresh)
+        assert torch.equal(fresh(x), expected_unfused)  # not the update applied twice
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in adapted.state_dict().items())
+
+    fresh_fused = fuse_lora(copy.deepcopy(fresh), lora_scale=2.0)  # an unfused state into a fused model
+    fresh_fused.load_state_dict(adapted.state_dict())
+    assert not any(layer.merged for layer in lora_layers(fresh_fused).values())
+    with torch.no_grad():
+        assert torch.equal(fresh_fused(x), expected_unfused)
+        assert torch.equal(unfuse_lora(fresh_fused)(x), expected_unfused)  # the loaded base weight is kept
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(1), 1, 0.5])
+def test_scale_and_alpha_take_any_real_number(value):
+    layer = randomize_adapters(LoRALinear(nn.Linear(4, 3), r=2, alpha=value))
+    assert layer.alpha == float(value) and type(layer.alpha) is float
+    exact = layer.base.weight.double() + float(value) * layer.delta_weight()
+    layer.merge(value)
+    assert layer.lora_scale == float(value) and torch.equal(layer.base.weight, exact.float())
+    assert torch.equal(merge_and_unload(layer, value).weight, layer.base.weight)
+
+
+@pytest.mark.parametrize("value", [True, torch.tensor([0.5]), torch.tensor(True), "0.5", np.float32("nan"), 1j])
+def test_scale_and_alpha_refuse_what_is_not_a_real_number(value):
+    with pytest.raises(ValueError, match=r"alpha must be a positive finite number"):
+        LoRALinear(nn.Linear(4, 3), r=2, alpha=value)
+    with pytest.raises(ValueError, match=r"lora_scale must be a finite number"):
+        fuse_lora(inject_lora(nn.Sequential(nn.Linear(4, 3)), "0", r=2, alpha=2), value)
+
+
+def test_inject_lora_on_the_root_module():
+    linear = nn.Linear(3, 3)
+    for inplace in (False, True):
+        layer = inject_lora(linear, nn.Linear, r=2, alpha=2, inplace=inplace)
+        assert type(layer) is LoRALinear and (layer.base is linear) is inplace
+        assert type(merge_and_unload(layer)) is nn.Linear
+
+
+def test_forward_hooks_follow_the_layers_name_through_inject_and_merge():
+    model = toy_model()
+    seen, pre = [], []
+    handle = model[9].register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    model[9].register_forward_pre_hook(lambda m, args, kwargs: pre.append(type(m).__name__), with_kwargs=True)
+    x = torch.randn(2, 3, 8, 8)
+    adapted = randomize_adapters(inject_lora(model, ["9"], r=2, alpha=2, inplace=True))
+    with torch.no_grad():
+        out = adapted(x)
+    assert len(seen) == 1 and torch.equal(seen[0], out)  # once, the adapted output
+    assert pre == ["LoRALinear"]
+    plain = merge_and_unload(adapted)
+    with torch.no_grad():
+        plain_out = plain(x)
+    assert len(seen) == 2 and torch.equal(seen[1], plain_out) and pre[-1] == "Linear"
+    handle.remove()  # the caller's handle still removes it from the wrapper
+    with torch.no_grad():
+        adapted(x)
+    assert len(seen) == 2
