@@ -72,14 +72,17 @@ def _now() -> str:
 # ---------------------------------------------------------------------------------------------- one notebook
 
 
-def _ipc_kernel_manager_class(socket_dir: str | Path, cwd: str | Path, env: Mapping[str, str] | None = None):
+def _ipc_kernel_manager_class(socket_dir: str | Path, cwd: str | Path, env: Mapping[str, str] | None = None,
+                              output: TextIO | None = None):
     """A kernel manager whose kernel starts in ``cwd`` and talks over IPC sockets in ``socket_dir``.
 
     The kernel's working directory is set for the kernel process only (the
     caller's ``os.getcwd()`` never changes). IPC opens no port and spares every
     run the "running over TCP without encryption" warning; the sockets and the
     connection file live in ``socket_dir`` (absolute), private to the run. ``env``
-    is added to the kernel's environment only.
+    is added to the kernel's environment only. ``output`` (an open file) receives
+    what the kernel process itself writes to stdout / stderr (not the cells'
+    output, which papermill captures), e.g. its complaints when the sweep is stopped.
     """
     from jupyter_client.manager import AsyncKernelManager
 
@@ -96,6 +99,8 @@ def _ipc_kernel_manager_class(socket_dir: str | Path, cwd: str | Path, env: Mapp
 
         async def _async_pre_start_kernel(self, **kw: Any):
             kw["cwd"] = kernel_cwd
+            if output is not None:
+                kw["stdout"] = kw["stderr"] = output
             if extra_env:
                 kw["env"] = {**(kw.get("env") or os.environ), **extra_env}
             return await super()._async_pre_start_kernel(**kw)
@@ -140,7 +145,7 @@ def run_notebook(
             stdout_file=log,
             stderr_file=log,
             execution_timeout=timeout,
-            kernel_manager_class=_ipc_kernel_manager_class(socket_dir, notebook.parent, env),
+            kernel_manager_class=_ipc_kernel_manager_class(socket_dir, notebook.parent, env, log),
             **hooks,
         ))
     except Exception as exc:  # papermill raises PapermillExecutionError (ename / evalue) and friends
@@ -394,13 +399,15 @@ def _check_folder(out: Path, runs: Sequence[RunSpec], resume: bool) -> None:
                           "continue it, or choose another --out", out)
     old = {r.name: r for r in stored}
     new = {r.name: r for r in runs}
-    differ = [f"{n} (not in this grid)" for n in old if n not in new]
-    differ += [f"{n} (not in the stored plan)" for n in new if n not in old]
-    differ += [f"{n} (notebook {new[n].notebook}, was {old[n].notebook})" for n in new
-               if n in old and new[n].notebook != old[n].notebook]
-    differ += [f"{n} (parameters {new[n].parameters}, were {old[n].parameters})" for n in new
-               if n in old and new[n].notebook == old[n].notebook
-               and json.dumps(new[n].parameters, sort_keys=True) != json.dumps(old[n].parameters, sort_keys=True)]
+    differ = []
+    for n, run in new.items():
+        if n not in old:
+            differ.append(f"{n} (not in the stored plan)")
+        elif run.notebook != old[n].notebook:
+            differ.append(f"{n} (notebook {run.notebook}, was {old[n].notebook})")
+        elif json.dumps(run.parameters, sort_keys=True) != json.dumps(old[n].parameters, sort_keys=True):
+            differ.append(f"{n} (parameters {run.parameters}, were {old[n].parameters})")
+    differ += [f"{n} (not in this grid)" for n in old if n not in new]
     if differ:
         raise SweepError(f"--resume: this grid differs from the sweep stored in {out / PLAN_FILE}: "
                          f"{'; '.join(differ[:5])}" + (f"; and {len(differ) - 5} more" if len(differ) > 5 else "")
