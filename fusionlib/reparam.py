@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionlib.folding import _as_parameters, fuse_conv_bn_weights, round_to_nearest
+from fusionlib.modules import warn_dropped_hooks
 
 __all__ = [
     "pad_kernel_to",
@@ -482,7 +483,13 @@ class RepBlock(nn.Module):
             self._switch_to(self.deployed_conv())
         return self
 
-    def _switch_to(self, conv: nn.Conv2d) -> None:
+    def _switch_to(self, conv: nn.Conv2d, name: str = "") -> None:
+        """Replace the branches by ``conv``; a hook on a branch module is named in a warning (hook policy:
+        :func:`fusionlib.modules.warn_dropped_hooks`). ``name``: the block's name in its model."""
+        prefix = f"{name}." if name else ""
+        for branch in ("conv_kxk", "conv_1x1", "identity"):
+            for sub, module in (getattr(self, branch) or nn.Identity()).named_modules(prefix=prefix + branch):
+                warn_dropped_hooks(module, sub, f"the branches are merged into one conv, '{prefix}deployed'")
         conv.train(self.training)
         self.deployed = conv
         self.conv_kxk = None
@@ -525,7 +532,10 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     caller's model. Raises ``ValueError`` naming the modules inside RepBlocks
     that are in training mode; every new convolution is computed before any
     block is switched, so nothing is half-applied. Blocks already deployed are
-    left as they are, so converting twice is harmless.
+    left as they are, so converting twice is harmless. Hooks on a block stay
+    (the block stays); a hook on a branch module, which disappears, is named
+    in a ``UserWarning``. The deployed weights keep the kxk conv's memory
+    format (channels_last).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"reparameterize_model takes an nn.Module, got {type(model).__name__}")
@@ -542,7 +552,7 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
         blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, RepBlock) and not m.is_deployed]
-    planned = [(block, block.deployed_conv()) for _, block in blocks]  # 1. compute everything
-    for block, conv in planned:  # 2. then switch
-        block._switch_to(conv)
+    planned = [(name, block, block.deployed_conv()) for name, block in blocks]  # 1. compute everything
+    for name, block, conv in planned:  # 2. then switch
+        block._switch_to(conv, name)
     return model

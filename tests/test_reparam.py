@@ -481,3 +481,23 @@ def test_deployed_rep_model_equals_multi_branch(rep_models, inputs, request):
     for result in results:
         print(result)
         assert result.passed, str(result)
+
+
+def test_hooks_on_a_block_stay_and_hooks_on_its_branches_are_named():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(nn.Sequential(RepBlock(4, 4, 3), nn.ReLU())).eval()
+    seen = []
+    model[0].register_forward_hook(lambda m, args, out: seen.append("block"))
+    model[0].conv_1x1[1].register_forward_hook(lambda m, args, out: seen.append("1x1 bn"))
+    model[0].identity.register_forward_pre_hook(lambda m, args: seen.append("identity"))
+    with pytest.warns(UserWarning) as caught:
+        deployed = reparameterize_model(model)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert "forward hook" in messages[0] and "'0.conv_1x1.1' (BatchNorm2d)" in messages[0] and "'0.deployed'" in messages[0]
+    assert "forward pre-hook" in messages[1] and "'0.identity'" in messages[1]
+    deployed(torch.randn(1, 4, 5, 5))
+    assert seen == ["block"]
+    with pytest.warns(UserWarning) as caught:  # the block alone: names inside it
+        model[0].reparameterize()
+    assert ["on 'conv_1x1.1'" in str(w.message) or "on 'identity'" in str(w.message) for w in caught] == [True] * 2
