@@ -22,8 +22,10 @@ ones (``[0, 255]``), one ``s`` per tensor, or one per channel along the
 quantizer's axis (``axis=`` on both nodes) for weights. That is the graph
 ONNX Runtime turns into integer kernels (``QLinearConv``, ``QLinearAdd``, ...)
 and TensorRT consumes. ONNX's integer types are 8-bit (opset 17) and its
-int8 grid is ``[−128, 127]``, so a quantizer with another bit width or a
-narrow range (``[−127, 127]``) is refused, by name, before anything is written.
+int8 grid is ``[−128, 127]``, so a quantizer with another bit width, a signed
+narrow range (``[−127, 127]``) or ``fake_quant=False`` (it outputs integers)
+is refused, by name, before anything is written
+(:func:`fusionlib.quant.lowering.lowering_problem`, the rule int8 conversion asks too).
 
 **Run.** :func:`ort_session` opens a file in an ONNX Runtime
 ``InferenceSession`` (CPU, ``threads`` intra-op threads, one inter-op
@@ -67,6 +69,7 @@ from torch import nn
 
 from fusionlib.display import listing
 from fusionlib.modules import eval_mode
+from fusionlib.quant.lowering import lowering_problem
 from fusionlib.quant.ptq import weight_quantizer_ids
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 
@@ -187,43 +190,27 @@ def register_notebook_magic() -> bool:
 def exportable_quantizers(model: nn.Module) -> list[str]:
     """Names of the quantizers that will become Q/DQ pairs; raises, naming them, for any that cannot.
 
-    A quantizer exports when it is disabled or not quantizing (it is then the
-    identity), or when it has an amax, 8 bits, the full range, is not
-    calibrating, and is per tensor or along one axis.
+    Whether one can is :func:`fusionlib.quant.lowering.lowering_problem`'s
+    ``"qdq"`` rule, the one ``convert_int8`` asks too: disabled or not
+    quantizing is the identity (nothing exported); otherwise an amax, not
+    calibrating, fake quant, 8 bits, not a signed narrow range, per tensor or
+    along one axis. Every problem is listed, grouped, before anything is written.
     """
-    active, no_amax, bad_bits, narrow, calibrating, multi_axis = [], [], [], [], [], []
+    weights = weight_quantizer_ids(model)
+    active: list[str] = []
+    problems: dict[str, list[str]] = {}
     for name, q in model.named_modules():
-        if not isinstance(q, TensorQuantizer) or q.disabled:
+        if not isinstance(q, TensorQuantizer):
             continue
         label = name or "<model>"
-        if q.calib_enabled:
-            calibrating.append(label)
-        if not q.quant_enabled:
-            continue
-        active.append(label)
-        if q.amax is None:
-            no_amax.append(label)
-        if q.num_bits != 8:
-            bad_bits.append(f"{label} ({q.num_bits} bits)")
-        if q.narrow_range:
-            narrow.append(label)
-        if q.amax is not None and q.amax.numel() > 1 and not (isinstance(q.axis, int) or
-                                                             (isinstance(q.axis, tuple) and len(q.axis) == 1)):
-            multi_axis.append(f"{label} (axis={q.axis})")
-    problems = []
-    if no_amax:
-        problems.append(f"{len(no_amax)} quantizer(s) have no amax (calibrate first): {listing(no_amax)}")
-    if calibrating:
-        problems.append(f"{len(calibrating)} quantizer(s) are still calibrating (call disable_calib()): {listing(calibrating)}")
-    if bad_bits:
-        problems.append(f"ONNX QuantizeLinear holds 8-bit integers (opset {OPSET}); not 8 bits: {listing(bad_bits)}")
-    if narrow:
-        problems.append(f"ONNX's int8 grid is [-128, 127]; narrow-range ([-127, 127]) quantizers: {listing(narrow)} "
-                        "(build them with narrow_range=False)")
-    if multi_axis:
-        problems.append(f"Q/DQ quantizes per tensor or along one axis: {listing(multi_axis)}")
+        problem = lowering_problem(q, "qdq", weight=id(q) in weights)
+        if problem is not None:
+            problems.setdefault(problem, []).append(label)
+        elif not q.disabled and q.quant_enabled:
+            active.append(label)
     if problems:
-        raise ValueError("cannot export as Q/DQ: " + "; ".join(problems))
+        raise ValueError("cannot export as Q/DQ: " + "; ".join(f"{len(names)} quantizer(s) with {problem}: "
+                                                              f"{listing(names)}" for problem, names in problems.items()))
     return active
 
 

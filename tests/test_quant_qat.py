@@ -40,7 +40,7 @@ def _conv_bn(seed: int = 0, bias: bool = False):
 def _qat(relu=False, bias=False, bits=8):
     conv, bn = _conv_bn(bias=bias)
     m = QATConvBn2d(copy.deepcopy(conv), copy.deepcopy(bn), relu=relu,
-                    weight_desc=QuantDescriptor(num_bits=bits, axis=0))
+                    quant_desc_weight=QuantDescriptor(num_bits=bits, axis=0))
     with torch.no_grad():
         s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         m.weight_quantizer.amax = (conv.weight * s.reshape(-1, 1, 1, 1)).abs().amax(dim=(1, 2, 3), keepdim=True)
@@ -144,7 +144,7 @@ BAD_MODULES = [
     (lambda: QATConvBn2d(nn.Conv2d(2, 3, 1), nn.BatchNorm1d(3)), TypeError, "BatchNorm2d"),
     (lambda: QATConvBn2d(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(4)), ValueError, "4 features"),
     (lambda: QATConvBn2d(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, affine=False)), ValueError, "affine"),
-    (lambda: QATConvBn2d(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), weight_desc="8bit"), TypeError, "QuantDescriptor"),
+    (lambda: QATConvBn2d(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), quant_desc_weight="8bit"), TypeError, "QuantDescriptor"),
 ]
 
 
@@ -244,7 +244,7 @@ def test_export_folded_equals_the_qat_model_in_eval_mode(prepared):
 def test_four_bit_weights():
     torch.manual_seed(0)
     model = models.build("resnet18", num_classes=10, small_input=True).eval()
-    gm = prepare_qat(model, weight_desc=QuantDescriptor(num_bits=4, axis=0))
+    gm = prepare_qat(model, quant_desc_weight=QuantDescriptor(num_bits=4, axis=0))
     calibrate(gm, [torch.randn(2, 3, 32, 32)])
     layer = next(m for m in gm.modules() if isinstance(m, QATConvBn2d))
     w = layer.quantized_weight()
@@ -285,9 +285,9 @@ def test_op_without_kernel_is_reported_and_its_output_quantized():
 
 BAD_PREPARE = [
     (lambda: prepare_qat("resnet18"), TypeError, "nn.Module"),
-    (lambda: prepare_qat(nn.Conv2d(3, 3, 1), weight_desc=8), TypeError, "weight_desc"),
-    (lambda: prepare_qat(nn.Conv2d(3, 3, 1), input_desc=QuantDescriptor(axis=0)), ValueError, "per tensor"),
-    (lambda: prepare_qat(nn.Conv2d(3, 3, 1), weight_desc=QuantDescriptor(axis=1)), ValueError, "axis=0"),
+    (lambda: prepare_qat(nn.Conv2d(3, 3, 1), quant_desc_weight=8), TypeError, "quant_desc_weight"),
+    (lambda: prepare_qat(nn.Conv2d(3, 3, 1), quant_desc_input=QuantDescriptor(axis=0)), ValueError, "per tensor"),
+    (lambda: prepare_qat(nn.Conv2d(3, 3, 1), quant_desc_weight=QuantDescriptor(axis=1)), ValueError, "axis=0"),
     (lambda: prepare_qat(prepare_qat(nn.Sequential(nn.Conv2d(3, 3, 1)))), ValueError, "already"),
 ]
 

@@ -10,6 +10,7 @@ r"""fusionlib.quant: a quantization toolkit rebuilt from NVIDIA's pytorch-quanti
 * :mod:`~fusionlib.quant.patching` — ``initialize`` / ``deactivate`` / ``enable_quantization`` (monkey patching torch.nn).
 * :mod:`~fusionlib.quant.ptq` — ``calibrate``, ``layer_sensitivity``, ``quantize_model`` (post-training quantization).
 * :mod:`~fusionlib.quant.qat` — ``QATConvBn2d``, ``prepare_qat``, ``export_folded`` (quantization-aware training).
+* :mod:`~fusionlib.quant.lowering` — ``lowering_problem``: whether a quantizer can become int8 kernels or ONNX Q/DQ.
 * :mod:`~fusionlib.quant.int8` — ``convert_int8`` to torch's int8 CPU kernels; import it explicitly
   (``from fusionlib.quant import int8``): it is the one module that imports ``torch.ao``.
 """
@@ -75,6 +76,7 @@ from fusionlib.quant.ptq import (
     quantize_model,
     quantizers,
 )
+from fusionlib.quant.lowering import lowering_problem
 from fusionlib.quant.qat import QATConvBn2d, QATConv2d, QATLinear, QATReport, export_folded, freeze_bn_stats, prepare_qat
 
 __all__ = [
@@ -139,6 +141,8 @@ __all__ = [
     "SensitivityReport",
     "layer_sensitivity",
     "quantize_model",
+    # what a quantizer can become
+    "lowering_problem",
     # quantization-aware training
     "QATConvBn2d",
     "QATConv2d",

@@ -25,7 +25,13 @@ that follows it; :class:`QATLinear` becomes ``nnq.Linear``; a residual add
 flatten and dropout run on the quantized tensors; every other quantizer is then
 the identity (its producer already wrote that grid). An op with no int8 kernel
 runs in float between ``dequantize`` and the next quantizer, with a warning
-listing it. The output is dequantized.
+listing it. The output is dequantized. Which quantizers the kernels can
+reproduce (8-bit activations on the full grid, signed weights of at most 8
+bits, ...) is decided by :func:`fusionlib.quant.lowering.lowering_problem`,
+the rule ONNX export asks too; every quantizer that cannot is named before
+anything is built. ``padding='same'`` is resolved to integers (the kernels
+take numbers); hooks on the QAT layers are named in a warning (the int8
+modules take and return quantized tensors).
 
 The fake-quant model and the int8 model then compute the same integers up to
 rounding ties and accumulation order: the tests ask for top-1 agreement
@@ -43,10 +49,16 @@ import torch
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
+from fusionlib.display import listing
 from fusionlib.fx.tracing import modules_by_name
+from fusionlib.modules import warn_dropped_hooks
 from fusionlib.quant.functional import quantize
+from fusionlib.quant.lowering import lowering_problem
+from fusionlib.quant.modules import conv_kwargs
+from fusionlib.quant.ptq import weight_quantizer_ids
 from fusionlib.quant.qat import (
     ACTIVATION_QUANTIZERS,
     QATConv2d,
@@ -75,27 +87,25 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _require_int8(q: TensorQuantizer, *, weight: bool) -> None:
+    problem = lowering_problem(q, "int8", weight=weight)
+    if problem is not None:
+        raise ValueError(f"{q._who()}: {problem}")
+
+
 def activation_qparams(q: TensorQuantizer) -> tuple[float, int]:
     """``(scale, zero_point)`` of ``quint8`` holding ``q``'s grid (see the module docstring)."""
-    if q.amax is None:
-        raise ValueError(f"{q._who()} has no amax")
-    if q.amax.numel() != 1:
-        raise ValueError(f"{q._who()}: an activation needs one amax (per tensor), got {q.amax.numel()}")
-    if q.num_bits != 8:
-        raise ValueError(f"{q._who()}: int8 activations need num_bits=8, got {q.num_bits}")
+    _require_int8(q, weight=False)
     amax = float(q.amax.detach().reshape(()))
     return (amax / 255.0, 0) if q.unsigned else (amax / 127.0, 128)
 
 
 def quantized_weight(weight: torch.Tensor, q: TensorQuantizer) -> torch.Tensor:
     """``weight`` on ``q``'s grid as a torch ``qint8`` tensor (per channel along axis 0, or per tensor)."""
-    if q.amax is None:
-        raise ValueError(f"{q._who()} has no amax")
-    if q.unsigned or q.num_bits > 8:
-        raise ValueError(f"{q._who()}: int8 weights need a signed grid of at most 8 bits")
+    _require_int8(q, weight=True)
     w = weight.detach().float()
     amax = q.amax.detach().float()
-    ints = quantize(w, amax, q.num_bits, False, q.narrow_range).to(torch.int8)
+    ints = quantize(w, amax, q.num_bits, False, q.narrow_range, q.axis).to(torch.int8)
     step = (amax / q.quant_max).double()
     with _quiet():
         if amax.numel() == 1:
@@ -112,13 +122,12 @@ def missing_amax(model: nn.Module) -> list[str]:
 def _int8_layer(m: nn.Module, scale: float, zero_point: int) -> nn.Module:
     with torch.no_grad(), _quiet():
         if isinstance(m, QATConvBn2d):
-            c = m.conv
             cls = nniq.ConvReLU2d if m.relu else nnq.Conv2d
-            new = cls(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, bias=True)
+            new = cls(**conv_kwargs(m.conv, integer_padding=True), bias=True)
             new.set_weight_bias(quantized_weight(m.conv.weight * m.scale_factor().reshape(-1, 1, 1, 1), m.weight_quantizer),
                                 m.folded_bias().detach().float())
         elif isinstance(m, QATConv2d):
-            new = nnq.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, bias=True)
+            new = nnq.Conv2d(**conv_kwargs(m, integer_padding=True), bias=True)
             bias = m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_channels)
             new.set_weight_bias(quantized_weight(m.weight, m.weight_quantizer), bias)
         elif isinstance(m, QATLinear):
@@ -132,6 +141,138 @@ def _int8_layer(m: nn.Module, scale: float, zero_point: int) -> nn.Module:
     return new
 
 
+def _check_convertible(qat_model: nn.Module) -> None:
+    """Every quantizer must be one the int8 kernels reproduce (:func:`lowering_problem`); all problems named at once."""
+    if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, ACTIVATION_QUANTIZERS):
+        raise TypeError("convert_int8 takes the GraphModule made by fusionlib.quant.prepare_qat (then calibrated / "
+                        f"trained), got {type(qat_model).__name__}")
+    weights = weight_quantizer_ids(qat_model)
+    problems: dict[str, list[str]] = {}
+    for name, q in qat_model.named_modules():
+        if isinstance(q, TensorQuantizer):
+            problem = lowering_problem(q, "int8", weight=id(q) in weights)
+            if problem is not None:
+                problems.setdefault(problem, []).append(name)
+    if problems:
+        raise ValueError("convert_int8 cannot run these quantizers on int8 kernels: " + "; ".join(
+            f"{problem}: {listing(names)}" for problem, names in problems.items()))
+
+
+class _Int8Graph:
+    """The int8 graph, built node by node from the QAT graph: each ``_*`` method converts one kind of node."""
+
+    def __init__(self, root: fx.GraphModule):
+        self.root, self.modules, self.graph = root, modules_by_name(root), fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.qparams: dict[fx.Node, tuple[float, int]] = {}  # new node -> (scale, zero point) when quantized
+        self.floated: list[str] = []
+        self.fused_relu: set[fx.Node] = set()
+        self.quantizer_after: dict[str, fx.Node] = {}
+        for n in root.graph.nodes:
+            if n.op == "call_module" and n.target.startswith(ACTIVATION_QUANTIZERS + ".") and isinstance(n.args[0], fx.Node):
+                self.quantizer_after.setdefault(n.args[0].name, n)
+
+    def convert(self, n: fx.Node) -> None:
+        for step in (self._io, self._quantizer, self._qat_layer, self._add, self._relu6, self._grid_op):
+            if step(n):
+                return
+        self._float_op(n)
+
+    def output_quantizer(self, n: fx.Node) -> tuple[TensorQuantizer, fx.Node | None]:
+        anchor, _ = _output_anchor(n, self.modules)  # where prepare_qat put it: after an only-user ReLU, else after n
+        if anchor.name not in self.quantizer_after:
+            raise ValueError(f"convert_int8: {n.name} has no output quantizer; was the graph made by prepare_qat?")
+        return self.modules[self.quantizer_after[anchor.name].target], (anchor if anchor is not n else None)
+
+    def quantized(self, n: fx.Node) -> bool:
+        return isinstance(n, fx.Node) and self.env[n] in self.qparams
+
+    def as_float(self, v: Any) -> Any:
+        return self.graph.call_method("dequantize", (v,)) if isinstance(v, fx.Node) and v in self.qparams else v
+
+    def _module(self, n: fx.Node) -> nn.Module | None:
+        return self.modules.get(n.target) if n.op == "call_module" else None
+
+    def _io(self, n: fx.Node) -> bool:
+        if n.op == "placeholder":
+            self.env[n] = self.graph.placeholder(n.name)
+        elif n.op == "output":
+            self.graph.output(fx.map_arg(n.args[0], lambda x: self.as_float(self.env[x])))
+        else:
+            return False
+        return True
+
+    def _quantizer(self, n: fx.Node) -> bool:
+        """An activation quantizer: quantize_per_tensor, or nothing where the producer already wrote this grid."""
+        m = self._module(n)
+        if not isinstance(m, TensorQuantizer):
+            return False
+        src = self.env[n.args[0]]
+        if src in self.qparams:
+            self.env[n] = src
+        else:
+            scale, zp = activation_qparams(m)
+            self.env[n] = self.graph.call_function(torch.quantize_per_tensor, (src, scale, zp, torch.quint8))
+            self.qparams[self.env[n]] = (scale, zp)
+        return True
+
+    def _qat_layer(self, n: fx.Node) -> bool:
+        m = self._module(n)
+        if not isinstance(m, (QATConvBn2d, QATConv2d, QATLinear)):
+            return False
+        scale, zp = activation_qparams(self.output_quantizer(n)[0])
+        warn_dropped_hooks(m, n.target, "int8 modules take and return quantized tensors, which a float hook misreads")
+        self.root.add_submodule(n.target, _int8_layer(m, scale, zp))
+        if not self.quantized(n.args[0]):
+            raise ValueError(f"convert_int8: the input of {n.name} is not quantized")
+        self.env[n] = self.graph.call_module(n.target, (self.env[n.args[0]],))
+        self.qparams[self.env[n]] = (scale, zp)
+        return True
+
+    def _add(self, n: fx.Node) -> bool:
+        """A residual add of two quantized tensors: quantized.add (add_relu when a ReLU follows)."""
+        if not (is_tensor_add(n) and all(self.quantized(a) for a in n.args[:2])):
+            return False
+        q, relu = self.output_quantizer(n)
+        scale, zp = activation_qparams(q)
+        if relu is not None:
+            self.fused_relu.add(relu)
+        op = torch.ops.quantized.add_relu if relu is not None else torch.ops.quantized.add
+        self.env[n] = self.graph.call_function(op, (self.env[n.args[0]], self.env[n.args[1]], scale, zp))
+        self.qparams[self.env[n]] = (scale, zp)
+        return True
+
+    def _relu6(self, n: fx.Node) -> bool:
+        """A ReLU6 module on a quantized tensor: torch's quantized kernel (float ReLU6 goes through hardtanh)."""
+        if not (isinstance(self._module(n), nn.ReLU6) and self.quantized(n.args[0])):
+            return False
+        self.root.add_submodule(n.target, nnq.ReLU6())
+        self.env[n] = self.graph.call_module(n.target, (self.env[n.args[0]],))
+        self.qparams[self.env[n]] = self.qparams[self.env[n.args[0]]]
+        return True
+
+    def _grid_op(self, n: fx.Node) -> bool:
+        """Ops that keep the grid (pools, flatten, dropout, ReLU) run on the quantized tensor as they are."""
+        if n in self.fused_relu:
+            self.env[n] = self.env[n.args[0]]
+            return True
+        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if src is None or not self.quantized(src) or not (keeps_grid(n, self.modules) or is_avgpool(n, self.modules)):
+            return False
+        if is_relu(n, self.modules) and self.qparams[self.env[src]][1] == 0 and n.target is not F.relu6:
+            self.env[n] = self.env[src]  # relu on a grid starting at 0 is the identity
+            return True
+        self.env[n] = self.graph.node_copy(n, lambda x: self.env[x])
+        self.qparams[self.env[n]] = self.qparams[self.env[src]]
+        return True
+
+    def _float_op(self, n: fx.Node) -> None:
+        """No int8 kernel: run in float between dequantize and the next quantizer."""
+        if n.op in ("call_module", "call_function", "call_method"):
+            self.floated.append(n.name)
+        self.env[n] = self.graph.node_copy(n, lambda x: self.as_float(self.env[x]))
+
+
 def convert_int8(qat_model: fx.GraphModule, example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> fx.GraphModule:
     """An eval-mode GraphModule running ``qat_model``'s arithmetic on torch's int8 CPU kernels (see the module docstring).
 
@@ -143,113 +284,21 @@ def convert_int8(qat_model: fx.GraphModule, example_inputs: torch.Tensor | Seque
     for the first input they see; calls with another spatial size can then be
     many times slower. Warm the model (or a ``copy.deepcopy`` of it) at the
     shape it will serve, as torch's own int8 models need too. Raises ValueError
-    naming the quantizers without amax, and for disabled quantizers.
+    naming every quantizer the int8 kernels cannot reproduce (no amax,
+    disabled, narrow-range activations, ...).
     """
-    if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, ACTIVATION_QUANTIZERS):
-        raise TypeError("convert_int8 takes the GraphModule made by fusionlib.quant.prepare_qat (then calibrated / "
-                        f"trained), got {type(qat_model).__name__}")
-    quants = {name: m for name, m in qat_model.named_modules() if isinstance(m, TensorQuantizer)}
-    disabled = [name for name, q in quants.items() if q.disabled or not q.quant_enabled]
-    if disabled:
-        raise ValueError(f"convert_int8: quantizers {disabled[:6]} are disabled or not quantizing; an int8 model "
-                         "quantizes every tensor (enable them, calibrate, then convert)")
-    missing = missing_amax(qat_model)
-    if missing:
-        shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
-        raise ValueError(f"convert_int8: quantizers without amax: {shown}. Calibrate first "
-                         "(fusionlib.quant.calibrate(model, batches)) or train with amax set")
+    _check_convertible(qat_model)
     torch.backends.quantized.engine = ENGINE
     root = copy.deepcopy(qat_model).eval()
-    modules = modules_by_name(root)
-    old = root.graph
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    qparams: dict[fx.Node, tuple[float, int]] = {}  # new node -> (scale, zero point) when quantized
-    quantizer_after: dict[str, fx.Node] = {}
-    for n in old.nodes:
-        if n.op == "call_module" and n.target.startswith(ACTIVATION_QUANTIZERS + ".") and isinstance(n.args[0], fx.Node):
-            quantizer_after.setdefault(n.args[0].name, n)
-    floated: list[str] = []
-    fused_relu: set[fx.Node] = set()
-
-    def output_quantizer(n: fx.Node) -> tuple[TensorQuantizer, fx.Node | None]:
-        anchor, _ = _output_anchor(n, modules)  # where prepare_qat put it: after an only-user ReLU, else after n
-        if anchor.name not in quantizer_after:
-            raise ValueError(f"convert_int8: {n.name} has no output quantizer; was the graph made by prepare_qat?")
-        return modules[quantizer_after[anchor.name].target], (anchor if anchor is not n else None)
-
-    def as_float(v: Any) -> Any:
-        if isinstance(v, fx.Node) and v in qparams:
-            return graph.call_method("dequantize", (v,))
-        return v
-
-    def mapped(a: Any) -> Any:
-        return fx.map_arg(a, lambda x: env[x])
-
-    for n in old.nodes:
-        if n.op == "placeholder":
-            env[n] = graph.placeholder(n.name)
-            continue
-        if n.op == "output":
-            graph.output(fx.map_arg(n.args[0], lambda x: as_float(env[x])))
-            continue
-        m = modules.get(n.target) if n.op == "call_module" else None
-        if isinstance(m, TensorQuantizer):
-            src = env[n.args[0]]
-            scale, zp = activation_qparams(m)
-            if src in qparams:
-                env[n] = src  # the producer already wrote this grid
-            else:
-                s_node = graph.call_function(torch.quantize_per_tensor, (src, scale, zp, torch.quint8))
-                qparams[s_node] = (scale, zp)
-                env[n] = s_node
-            continue
-        if isinstance(m, (QATConvBn2d, QATConv2d, QATLinear)):
-            q, _ = output_quantizer(n)
-            scale, zp = activation_qparams(q)
-            root.add_submodule(n.target, _int8_layer(m, scale, zp))
-            x = env[n.args[0]]
-            if x not in qparams:
-                raise ValueError(f"convert_int8: the input of {n.name} is not quantized")
-            env[n] = graph.call_module(n.target, (x,))
-            qparams[env[n]] = (scale, zp)
-            continue
-        if is_tensor_add(n) and all(env[a] in qparams for a in n.args[:2]):
-            q, relu = output_quantizer(n)
-            scale, zp = activation_qparams(q)
-            op = torch.ops.quantized.add_relu if relu is not None else torch.ops.quantized.add
-            if relu is not None:
-                fused_relu.add(relu)
-            env[n] = graph.call_function(op, (env[n.args[0]], env[n.args[1]], scale, zp))
-            qparams[env[n]] = (scale, zp)
-            continue
-        if n in fused_relu:
-            env[n] = env[n.args[0]]
-            continue
-        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        if src is not None and env[src] in qparams and isinstance(m, nn.ReLU6):
-            root.add_submodule(n.target, nnq.ReLU6())  # torch's quantized relu6 kernel (float ReLU6 goes through hardtanh)
-            env[n] = graph.call_module(n.target, (env[src],))
-            qparams[env[n]] = qparams[env[src]]
-            continue
-        if src is not None and env[src] in qparams and (keeps_grid(n, modules) or is_avgpool(n, modules)):
-            if is_relu(n, modules) and qparams[env[src]][1] == 0 and not (m is not None and isinstance(m, nn.ReLU6)) \
-                    and n.target is not torch.nn.functional.relu6:
-                env[n] = env[src]  # relu on a grid starting at 0 is the identity
-                continue
-            env[n] = graph.node_copy(n, lambda x: env[x])
-            qparams[env[n]] = qparams[env[src]]
-            continue
-        # no int8 kernel: run in float
-        if n.op in ("call_module", "call_function", "call_method"):
-            floated.append(n.name)
-        env[n] = graph.node_copy(n, lambda x: as_float(env[x]))
-    if floated:
-        warnings.warn(f"convert_int8: no int8 kernel for {floated}; they run in float between dequantize and the next "
-                      "quantizer", stacklevel=2)
-    gm = fx.GraphModule(root, graph, "Int8" + type(qat_model).__name__)
+    build = _Int8Graph(root)
+    for n in root.graph.nodes:
+        build.convert(n)
+    if build.floated:
+        warnings.warn(f"convert_int8: no int8 kernel for {build.floated}; they run in float between dequantize and "
+                      "the next quantizer", stacklevel=2)
+    gm = fx.GraphModule(root, build.graph, "Int8" + type(qat_model).__name__)
     gm.delete_all_unused_submodules()
-    gm.int8_floated = floated
+    gm.int8_floated = build.floated
     gm.eval()
     if example_inputs is not None:  # run on a copy: oneDNN caches a conv primitive for the first input shape it sees
         args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

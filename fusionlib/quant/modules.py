@@ -34,10 +34,16 @@ holds *no* key of a module's quantizers (a float checkpoint), those keys are
 not reported missing and the quantizers keep their amax; when it holds some,
 loading is checked as usual.
 
+**Rebuilding a conv.** :func:`conv_kwargs` is the one list of the
+constructor arguments that rebuild a conv from its attributes (``padding``
+``'same'`` / ``'valid'`` resolved to integers on request, for kernels that
+take only numbers) and :func:`float_conv` the one float ``nn.Conv2d`` built
+from another conv and new tensors; the QAT and int8 passes use both.
+
 Public names: :class:`QuantMixin`, :class:`QuantConv1d`, :class:`QuantConv2d`,
 :class:`QuantConv3d`, :class:`QuantConvTranspose2d`, :class:`QuantLinear`,
 :class:`QuantAvgPool2d`, :class:`QuantAdaptiveAvgPool2d`, ``QUANT_MODULES``
-(float class -> quant class) and :func:`is_quant_module`.
+(float class -> quant class), :func:`is_quant_module`, :func:`conv_kwargs`, :func:`float_conv`.
 """
 from __future__ import annotations
 
@@ -69,6 +75,8 @@ __all__ = [
     "QuantAdaptiveAvgPool2d",
     "QUANT_MODULES",
     "is_quant_module",
+    "conv_kwargs",
+    "float_conv",
 ]
 
 
@@ -92,7 +100,9 @@ class QuantMixin:
 
     Subclasses set ``_float_module`` (the float class they replace),
     ``_float_args`` (the attributes that rebuild it) and the two default
-    descriptors (``default_quant_desc_weight = None`` for modules without a weight).
+    descriptors (``default_quant_desc_weight = None`` for modules without a
+    weight; ``default_quant_desc_input = None`` for layers whose input is
+    quantized elsewhere, the QAT layers of :mod:`fusionlib.quant.qat`).
     """
 
     _float_module: ClassVar[type[nn.Module]]
@@ -115,20 +125,20 @@ class QuantMixin:
 
     # ------------------------------------------------------------------ construction
     def _init_quantizers(self, quant_desc_input: QuantDescriptor | None, quant_desc_weight: QuantDescriptor | None) -> None:
-        desc_input = self.default_quant_desc_input if quant_desc_input is None else quant_desc_input
-        self.input_quantizer = TensorQuantizer(_check_descriptor(desc_input, "quant_desc_input"))
-        if self.default_quant_desc_weight is not None:
-            desc_weight = self.default_quant_desc_weight if quant_desc_weight is None else quant_desc_weight
-            self.weight_quantizer = TensorQuantizer(_check_descriptor(desc_weight, "quant_desc_weight"))
-        elif quant_desc_weight is not None:
-            raise TypeError(f"{type(self).__name__} has no weight; it takes quant_desc_input only")
+        for role, given, default in (("input", quant_desc_input, self.default_quant_desc_input),
+                                     ("weight", quant_desc_weight, self.default_quant_desc_weight)):
+            if default is not None:
+                desc = _check_descriptor(default if given is None else given, f"quant_desc_{role}")
+                setattr(self, f"{role}_quantizer", TensorQuantizer(desc))
+            elif given is not None:
+                raise TypeError(f"{type(self).__name__} has no {role} quantizer, so it takes no quant_desc_{role}")
         self._missing_quantizer_keys: tuple[str, ...] = ()
         self.register_load_state_dict_post_hook(_tolerate_float_state_dict)
 
     @property
     def quantizer_names(self) -> tuple[str, ...]:
-        """``("input_quantizer", "weight_quantizer")``, or ``("input_quantizer",)`` without a weight."""
-        return ("input_quantizer", "weight_quantizer") if hasattr(self, "weight_quantizer") else ("input_quantizer",)
+        """The quantizers this layer owns, of ``("input_quantizer", "weight_quantizer")``."""
+        return tuple(name for name in ("input_quantizer", "weight_quantizer") if name in self._modules)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Runs before the quantizers load theirs: note whether this is a float checkpoint for this module.
@@ -163,9 +173,13 @@ class QuantMixin:
         weight = getattr(module, "weight", None)
         if weight is not None:
             kwargs.update(bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
-        extra = {} if cls.default_quant_desc_weight is None else {"quant_desc_weight": quant_desc_weight}
+        for role, given in (("input", quant_desc_input), ("weight", quant_desc_weight)):
+            if getattr(cls, f"default_quant_desc_{role}") is not None:
+                kwargs[f"quant_desc_{role}"] = given
+            elif given is not None:
+                raise TypeError(f"{cls.__name__} has no {role} quantizer, so it takes no quant_desc_{role}")
         with torch.random.fork_rng(devices=[]):
-            new = cls(**kwargs, quant_desc_input=quant_desc_input, **extra)
+            new = cls(**kwargs)
         new.load_state_dict(module.state_dict(), strict=True)
         for name, param in module.named_parameters(recurse=False):
             getattr(new, name).requires_grad_(param.requires_grad)
@@ -174,6 +188,38 @@ class QuantMixin:
 
 # ---------------------------------------------------------------------- convolutions
 _CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+
+def conv_kwargs(conv: nn.modules.conv._ConvNd, *, integer_padding: bool = False) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``conv`` (not its tensors): ``in_channels`` ... ``padding_mode``.
+
+    ``integer_padding=True`` resolves ``padding='valid'`` to 0 and
+    ``'same'`` to ``dilation·(k − 1)/2`` per dim, for kernels that take only
+    numbers (torch's int8 convs); ``'same'`` with an odd total
+    ``dilation·(k − 1)`` pads one more on the right than on the left, which
+    no symmetric padding reproduces: a ValueError says so.
+    """
+    kwargs = {name: getattr(conv, name) for name in _CONV_ARGS}
+    if conv.transposed:
+        kwargs["output_padding"] = conv.output_padding
+    if integer_padding and isinstance(conv.padding, str):
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if conv.padding == "same" and any(t % 2 for t in total):
+            raise ValueError(f"padding='same' on a {type(conv).__name__} with kernel_size={conv.kernel_size}, "
+                             f"dilation={conv.dilation} pads {total} in all, one more on the right than the left; "
+                             "no symmetric integer padding computes the same: use an odd kernel or explicit padding")
+        kwargs["padding"] = tuple(t // 2 for t in total) if conv.padding == "same" else (0,) * len(total)
+    return kwargs
+
+
+def float_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """A new eval-mode ``nn.Conv2d`` with ``conv``'s hyperparameters (:func:`conv_kwargs`) holding copies of these tensors."""
+    new = nn.Conv2d(**conv_kwargs(conv), bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    return new.eval()
 
 
 class _QuantConvMixin(QuantMixin):

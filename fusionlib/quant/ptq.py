@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -55,7 +57,7 @@ import torch
 from torch import nn
 
 from fusionlib.display import format_table, progress as progress_bar
-from fusionlib.modules import eval_mode
+from fusionlib.modules import carry_forward_hooks, eval_mode
 from fusionlib.quant.calibrators import HISTOGRAM_METHODS, HistogramCalibrator, MaxCalibrator
 from fusionlib.quant.descriptor import QuantDescriptor
 from fusionlib.quant.modules import QUANT_MODULES, QuantMixin
@@ -170,9 +172,32 @@ def _fresh_calibrator(q: TensorQuantizer, method: str, num_bins: int, weight_ids
     return MaxCalibrator(q.num_bits, q.axis, q.unsigned)
 
 
-def _batch_inputs(batch: Any) -> Any:
-    """A loader's ``(x, y)`` -> ``x``; a tensor stays itself."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _required_inputs(model: nn.Module) -> int:
+    """How many positional arguments ``model.forward`` requires (1 when it cannot be inspected)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
+def _batch_inputs(model: nn.Module, batch: Any) -> tuple:
+    """A batch as ``model``'s positional arguments.
+
+    A tensor ``x`` -> ``(x,)``; a loader's ``(x, y)`` -> ``(x,)``; ``((x1, x2), y)``
+    -> ``(x1, x2)``. A flat tuple for a model that requires several inputs is
+    ambiguous (inputs, or inputs and labels?) and an error that shows the forms.
+    """
+    if not isinstance(batch, (tuple, list)):
+        return (batch,)
+    if isinstance(batch[0], (tuple, list)):
+        return tuple(batch[0])
+    required = _required_inputs(model)
+    if required > 1:
+        raise ValueError(f"calibrate: {type(model).__name__}.forward takes {required} inputs, and a batch of "
+                         f"{len(batch)} items could be inputs or (inputs, labels); yield ((x1, x2, ...), labels) "
+                         "or ((x1, x2, ...),) batches")
+    return (batch[0],)
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -218,7 +243,7 @@ def _calibrator_is_empty(calibrator: Any) -> bool:
 
 def _restore_amax(q: TensorQuantizer, old: torch.Tensor | None) -> None:
     if old is None:
-        q._amax = None  # back to "not calibrated" (the public setter refuses None)
+        q.clear_amax()  # back to "not calibrated" (the public setter refuses None)
     else:
         q.amax = old
 
@@ -236,7 +261,8 @@ def calibrate(
     """Calibrate every enabled TensorQuantizer of ``model`` on ``batches`` and load its amax (see the module docstring).
 
     ``batches``: an iterable of input tensors or of ``(inputs, labels)``
-    (a DataLoader); the first ``num_batches`` are used (all when None).
+    (a DataLoader), ``inputs`` a tensor or, for a model with several inputs,
+    a tuple of them; the first ``num_batches`` are used (all when None).
     ``method``: ``"max"``, or ``"percentile"`` / ``"mse"`` / ``"entropy"``
     for the activation quantizers (``kwargs``: ``percentile=99.99``,
     ``start_bin=num_bins // 16``, ``stride=1``; ``num_bins`` sizes their histograms).
@@ -265,8 +291,8 @@ def calibrate(
             for batch in progress_bar(batches, total=num_batches, desc=f"calibrate ({method})", enabled=progress):
                 if num_batches is not None and seen >= num_batches:
                     break
-                x = _batch_inputs(batch)
-                model(x.to(device) if device is not None and isinstance(x, torch.Tensor) else x)
+                args = _batch_inputs(model, batch)
+                model(*(a.to(device) if device is not None and isinstance(a, torch.Tensor) else a for a in args))
                 seen += 1
         if seen == 0:
             raise ValueError("calibrate: batches yielded nothing; pass a non-empty loader or list of tensors")
@@ -391,6 +417,22 @@ def layer_sensitivity(
 
 
 # ---------------------------------------------------------------------- the manual route
+def _why_not_convertible(module: nn.Module) -> str | None:
+    """Why a module that looks like a convertible layer is not one; None for exactly a ``QUANT_MODULES`` class."""
+    if type(module) in QUANT_MODULES:
+        if any(type(h).__name__ == "WeightNorm" for h in module._forward_pre_hooks.values()):
+            return "its weight is recomputed by torch.nn.utils.weight_norm; torch.nn.utils.remove_weight_norm first"
+        return None
+    if isinstance(module, QuantMixin):
+        return "already quantized"
+    if getattr(module, "parametrizations", None) is not None:
+        return ("its weight is parametrized (weight_norm, spectral_norm, ...); "
+                "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') first")
+    if isinstance(module, tuple(QUANT_MODULES)):
+        return "a subclass, whose own forward a quant layer would lose"
+    return f"not a convertible type ({', '.join(f'nn.{c.__name__}' for c in QUANT_MODULES)})"
+
+
 def quantize_model(
     model: nn.Module,
     layer_names: Iterable[str] | None = None,
@@ -403,13 +445,18 @@ def quantize_model(
     """Replace float layers of a built model by quant layers (``QuantConv2d.from_float`` and friends).
 
     ``layer_names``: the qualified names to convert (default: every module
-    whose type is exactly one of ``QUANT_MODULES``' float classes); ``exclude``:
-    names to leave float. Descriptors default to each quant class's defaults
-    (``quant_desc_weight`` applies to layers with a weight). A module shared
-    under several names becomes one shared quant module. Everything is checked
-    and built before anything is replaced: a bad name changes nothing.
-    ``inplace=False`` converts a deep copy; the caller's model is never touched.
-    Returns the converted model (the new module itself when ``model`` is a single layer).
+    whose type is exactly one of ``QUANT_MODULES``' float classes; look-alikes
+    left float, parametrized or ``weight_norm`` layers and subclasses, are
+    named in a warning); ``exclude``: names to leave float. Descriptors
+    default to each quant class's defaults (``quant_desc_weight`` applies to
+    layers with a weight). A module shared under several names is one module:
+    naming (or excluding) any of its names converts (or keeps) it under all
+    of them, as one shared quant module. Each quant layer keeps its float
+    layer's forward hooks (:func:`fusionlib.modules.carry_forward_hooks`).
+    Everything is checked and built before anything is replaced: a bad name
+    changes nothing. ``inplace=False`` converts a deep copy; the caller's
+    model is never touched. Returns the converted model (the new module
+    itself when ``model`` is a single layer).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model takes an nn.Module, got {type(model).__name__}")
@@ -417,35 +464,39 @@ def quantize_model(
         bad = layer_names if isinstance(layer_names, str) else exclude
         raise TypeError(f"layer names are given as a list, got the string {bad!r}; write [{bad!r}]")
     modules = dict(model.named_modules(remove_duplicate=False))
-    convertible = [n for n, m in modules.items() if type(m) in QUANT_MODULES]
     exclude = list(exclude)
-    unknown = [n for n in exclude if n not in modules]
-    if layer_names is None:
-        chosen = convertible
-    else:
-        chosen = list(layer_names)
-        unknown += [n for n in chosen if n not in modules]
+    chosen = list(modules) if layer_names is None else list(layer_names)
+    unknown = [n for n in exclude + chosen if n not in modules]
     if unknown:
         raise ValueError(f"quantize_model: {type(model).__name__} has no submodule(s) {unknown}")
-    wrong = [f"{n} ({type(modules[n]).__name__}{', already quantized' if isinstance(modules[n], QuantMixin) else ''})"
-             for n in chosen if type(modules[n]) not in QUANT_MODULES]
-    if wrong:
-        supported = ", ".join(f"nn.{c.__name__}" for c in QUANT_MODULES)
-        raise ValueError(f"quantize_model cannot convert {wrong}; convertible types: {supported}")
-    chosen = [n for n in chosen if n not in set(exclude)]
+    reasons = {n: _why_not_convertible(modules[n]) for n in chosen}
+    if layer_names is not None:
+        wrong = [f"{n} ({type(modules[n]).__name__}: {why})" for n, why in reasons.items() if why is not None]
+        if wrong:
+            raise ValueError(f"quantize_model cannot convert {wrong}")
+    else:
+        look_alikes = [f"{n} ({type(modules[n]).__name__}: {why})" for n, why in reasons.items()
+                       if why is not None and isinstance(modules[n], tuple(QUANT_MODULES))
+                       and not isinstance(modules[n], QuantMixin)]
+        if look_alikes:
+            warnings.warn(f"quantize_model leaves float: {look_alikes}", UserWarning, stacklevel=2)
+    kept = {id(modules[n]) for n in exclude}
+    chosen_ids = {id(modules[n]) for n, why in reasons.items() if why is None and id(modules[n]) not in kept}
+    targets = [n for n, m in modules.items() if id(m) in chosen_ids]  # every name of a chosen module
 
     if not inplace:
         model = copy.deepcopy(model)
         modules = dict(model.named_modules(remove_duplicate=False))
     new_by_id: dict[int, nn.Module] = {}
-    for name in chosen:  # build every replacement first
+    for name in targets:  # build every replacement first
         old = modules[name]
         if id(old) not in new_by_id:
             quant_class = QUANT_MODULES[type(old)]
             extra = {} if quant_class.default_quant_desc_weight is None else {"quant_desc_weight": quant_desc_weight}
             new_by_id[id(old)] = quant_class.from_float(old, quant_desc_input=quant_desc_input, **extra)
-    if "" in chosen:  # the model is itself one convertible layer
+            carry_forward_hooks(old, new_by_id[id(old)], name)
+    if "" in targets:  # the model is itself one convertible layer
         return new_by_id[id(modules[""])]
-    for name in chosen:
+    for name in targets:
         model.set_submodule(name, new_by_id[id(modules[name])])
     return model

@@ -34,7 +34,9 @@ rounding in channels with a tiny ``γ``).
 ``W·s`` and the BN.
 
 **prepare_qat** (:func:`prepare_qat`) traces a model with
-:func:`fusionlib.fx.symbolic_trace`, decides everything first, then rewrites:
+:func:`fusionlib.fx.symbolic_trace` *in eval mode* (the graph int8 will run:
+a functional ``F.dropout(x, p, self.training)`` is recorded inactive, and the
+report says so), decides everything first, then rewrites:
 
 1. every ``Conv2d → BatchNorm2d (→ ReLU)`` chain whose intermediate outputs have
    one user becomes a :class:`QATConvBn2d` (``relu=True`` with the ReLU); any
@@ -42,13 +44,20 @@ rounding in channels with a tiny ``γ``).
    (weight quantizer only); every BatchNorm left is a skip with its reason;
 2. one activation :class:`~fusionlib.quant.TensorQuantizer` per *tensor* that an
    int8 kernel produces: the model input, each QAT layer's output and each
-   tensor ``add`` (residual adds). When that output's only user is a ReLU /
-   ReLU6 the quantizer goes after the activation and is unsigned (the grid
-   ``[0, 255]``). Max pooling, ReLU, flatten, dropout keep values on the grid;
+   tensor ``add`` (residual adds). Activations are signed, unless the
+   output's only user is a ReLU / ReLU6: then the quantizer goes after the
+   activation and is unsigned (the grid ``[0, 255]``). The model input has
+   its own descriptor (``quant_desc_model_input``: unsigned for images in
+   ``[0, 1]``). Max pooling, ReLU, flatten, dropout keep values on the grid;
    average pools re-apply their input's quantizer (the int8 kernel keeps the
    input's scale). So every conv, linear and add input is quantized, and each
    tensor has exactly one scale — what :func:`fusionlib.quant.int8.convert_int8`
    needs to run the same arithmetic in integers.
+
+Hooks follow the library's policy (:func:`fusionlib.modules.carry_forward_hooks`):
+a converted layer keeps its forward hooks; a fused chain takes the conv's
+forward pre-hooks and the last module's forward hooks, and every other hook
+of the chain is named in a warning.
 
 The result is a trainable ``torch.fx.GraphModule`` whose report
 (:class:`QATReport`) is ``gm.qat_report``. Initialize amax with
@@ -59,6 +68,7 @@ from __future__ import annotations
 import copy
 import operator
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -68,12 +78,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionlib.fx.tracing import modules_by_name, symbolic_trace
+from fusionlib.modules import carry_forward_hooks, eval_mode, warn_dropped_hooks
 from fusionlib.quant.descriptor import (
     QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW,
     QUANT_DESC_8BIT_PER_TENSOR,
     QuantDescriptor,
 )
-from fusionlib.quant.modules import _CONV_ARGS, QuantMixin, _check_descriptor
+from fusionlib.quant.modules import _CONV_ARGS, QuantMixin, _check_descriptor, float_conv
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 
 __all__ = [
@@ -103,7 +115,7 @@ class QATConvBn2d(QuantMixin, nn.Module):
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = False,
-                 weight_desc: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL) -> None:
+                 quant_desc_weight: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL) -> None:
         super().__init__()
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"QATConvBn2d takes an nn.Conv2d, got {type(conv).__name__}")
@@ -120,11 +132,16 @@ class QATConvBn2d(QuantMixin, nn.Module):
         self.bn = bn
         self.relu = bool(relu)
         self.freeze_bn = False
-        self.weight_quantizer = TensorQuantizer(_check_descriptor(weight_desc, "weight_desc"))
+        self.weight_quantizer = TensorQuantizer(_check_descriptor(quant_desc_weight, "quant_desc_weight"))
         self._missing_quantizer_keys = ()
         self.training = conv.training
 
-    quantizer_names = ("weight_quantizer",)
+    # freeze_bn is state: it survives a state_dict round trip (a one-element tensor, like every other value)
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.freeze_bn])
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.freeze_bn = bool(state.reshape(-1)[0])
 
     def freeze_bn_stats(self) -> "QATConvBn2d":
         """From now on normalize with the running statistics and stop updating them (also in train mode)."""
@@ -158,7 +175,10 @@ class QATConvBn2d(QuantMixin, nn.Module):
             # running statistics: BN(conv(x, w)/s + b) = conv(x, w) + b', computed as deployed (no division by s)
             y = self.conv._conv_forward(x, w, self.folded_bias())
             return F.relu(y) if self.relu else y
-        y = self.conv._conv_forward(x, w, None) / s.reshape(1, -1, 1, 1)
+        y = self.conv._conv_forward(x, w, None) / self._nonzero(s).reshape(1, -1, 1, 1)
+        pruned = (s == 0).reshape(1, -1, 1, 1)
+        if bool(pruned.any()):  # γ = 0: fq(W·0) says nothing of conv(x, W), which the batch statistics need
+            y = torch.where(pruned, self.conv._conv_forward(x, self.conv.weight, None), y)
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
         bn.num_batches_tracked.add_(1)
@@ -166,55 +186,53 @@ class QATConvBn2d(QuantMixin, nn.Module):
         y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
         return F.relu(y) if self.relu else y
 
+    @staticmethod
+    def _nonzero(s: torch.Tensor) -> torch.Tensor:
+        """``s`` with its zeros (pruned channels, γ = 0) replaced by 1, so dividing by it never gives 0/0."""
+        return torch.where(s == 0, torch.ones_like(s), s)
+
     def folded(self) -> nn.Conv2d:
         """The deployed float conv: weight ``fq(W')``, bias ``b'`` (equal to this layer in eval mode, up to rounding)."""
-        c = self.conv
-        out = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
-                        bias=True, device=c.weight.device, dtype=c.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.quantized_weight())
-            out.bias.copy_(self.folded_bias())
-        return out.train(False)
+            return float_conv(self.conv, self.quantized_weight(), self.folded_bias())
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, freeze_bn={self.freeze_bn}"
 
 
-class _WeightQuantized(QuantMixin):
-    """A float layer whose weight alone is fake-quantized; its activation quantizers live in the graph."""
+class _WeightOnlyQuantized(QuantMixin):
+    """A float layer whose weight alone is fake-quantized; its input quantizer lives in the graph (built by ``from_float``)."""
 
-    quantizer_names = ("weight_quantizer",)
+    default_quant_desc_input = None
 
-    @classmethod
-    def from_layer(cls, layer: nn.Module, weight_desc: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL):
-        """A copy of ``layer`` (its hyperparameters ``_float_args``, parameters and train flag) with a weight quantizer."""
-        kwargs = {name: getattr(layer, name) for name in cls._float_args}
-        with torch.random.fork_rng(devices=[]):
-            new = cls(**kwargs, bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype)
-        new.weight_quantizer = TensorQuantizer(_check_descriptor(weight_desc, "weight_desc"))
-        new.load_state_dict(layer.state_dict(), strict=False)
-        new._missing_quantizer_keys = ()
-        for name, param in layer.named_parameters(recurse=False):
-            getattr(new, name).requires_grad_(param.requires_grad)
-        return new.train(layer.training)
+    def __init__(self, *args: Any, quant_desc_weight: QuantDescriptor | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_quantizers(None, quant_desc_weight)
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
 
-class QATConv2d(_WeightQuantized, nn.Conv2d):
-    """A Conv2d whose weight is fake-quantized (a conv without a BatchNorm after it); activations are quantized in the graph."""
+class QATConv2d(_WeightOnlyQuantized, nn.Conv2d):
+    """A Conv2d whose weight is fake-quantized (a conv without a BatchNorm after it); activations are quantized in the graph.
 
+    Built with ``QATConv2d.from_float(conv, quant_desc_weight=...)``.
+    """
+
+    _float_module = nn.Conv2d
     _float_args = _CONV_ARGS
+    default_quant_desc_weight = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
 
-class QATLinear(_WeightQuantized, nn.Linear):
+class QATLinear(_WeightOnlyQuantized, nn.Linear):
     """A Linear whose weight is fake-quantized (per row by default); activations are quantized in the graph."""
 
+    _float_module = nn.Linear
     _float_args = ("in_features", "out_features")
+    default_quant_desc_weight = QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
@@ -300,12 +318,17 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _plan_fusion(gm: fx.GraphModule, modules: dict[str, nn.Module], report: QATReport):
-    """[(conv node, bn node, relu node or None)], every BN not taken noted in ``report.skipped``."""
+def _call_counts(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[int, int]:
+    """``{id(module): how many call_module nodes call it}``."""
     calls: dict[int, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[id(modules[node.target])] = calls.get(id(modules[node.target]), 0) + 1
+    return calls
+
+
+def _plan_fusion(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[int, int], report: QATReport):
+    """[(conv node, bn node, relu node or None)], every BN not taken noted in ``report.skipped``."""
     chains = []
     for node in gm.graph.nodes:
         if not _is_module(node, modules, (nn.BatchNorm2d,)):
@@ -334,83 +357,64 @@ def _plan_fusion(gm: fx.GraphModule, modules: dict[str, nn.Module], report: QATR
     return chains
 
 
-def _output_anchor(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, bool]:
-    """Where a quantized op's output quantizer goes: after its only-user ReLU / ReLU6 (unsigned), else right after it."""
-    user = _single_user(node)
-    if user is not None and is_relu(user, modules):
-        return user, True
-    return node, False
-
-
-def prepare_qat(
-    model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    weight_desc: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL,
-    input_desc: QuantDescriptor = QUANT_DESC_8BIT_PER_TENSOR,
-    *,
-    inplace: bool = False,
-    **trace_kwargs: Any,
-) -> fx.GraphModule:
-    """Trace ``model``, fuse Conv+BN(+ReLU) for QAT, insert quantizers; return a trainable fake-quant GraphModule.
-
-    ``weight_desc``: the weight quantizers' descriptor (per output channel,
-    ``axis=0``, by default; ``num_bits=4`` for 4-bit weights). ``input_desc``:
-    the activation quantizers' (per tensor); after a ReLU / ReLU6 the same
-    descriptor with ``unsigned=True`` is used. ``example_inputs`` (optional)
-    are run once through the result to check it computes. Every quantizer
-    starts without amax: call :func:`fusionlib.quant.calibrate` next.
-    The model is deep-copied unless ``inplace=True``; its train / eval mode is
-    kept. The report is ``gm.qat_report``. Raises
-    :class:`fusionlib.fx.FxTraceError` (with its ways out) for an untraceable model.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prepare_qat takes an nn.Module, got {type(model).__name__}")
-    _check_descriptor(weight_desc, "weight_desc")
-    _check_descriptor(input_desc, "input_desc")
-    if input_desc.axis is not None:
-        raise ValueError(f"input_desc must be per tensor (axis=None), got axis={input_desc.axis}: "
-                         "an int8 activation has one scale")
-    if weight_desc.axis not in (None, (0,)):
-        raise ValueError(f"weight_desc must be per tensor or per output channel (axis=0), got axis={weight_desc.axis}")
-    if any(isinstance(m, (TensorQuantizer,) + QAT_LAYERS) for m in model.modules()):
-        raise ValueError("prepare_qat: the model already has quantizers / QAT layers; pass the float model")
-    name = type(model).__name__
-    training = model.training
-    if not inplace:
-        model = copy.deepcopy(model)
-    gm = model if isinstance(model, fx.GraphModule) else symbolic_trace(model, **trace_kwargs)
-    modules = modules_by_name(gm)
-    report = QATReport(name)
-
-    # ---- decide everything first
-    chains = _plan_fusion(gm, modules, report)
-    in_chain = {id(n) for chain in chains for n in chain if n is not None}
-    lone = [n for n in gm.graph.nodes if id(n) not in in_chain and _is_module(n, modules, (nn.Conv2d, nn.Linear))]
-    calls: dict[int, int] = {}
-    for n in lone:
-        calls[id(modules[n.target])] = calls.get(id(modules[n.target]), 0) + 1
-    for n in list(lone):
+def _plan_lone_layers(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[int, int], in_chain: set[int],
+                      report: QATReport) -> list[fx.Node]:
+    """The Conv2d / Linear calls outside the chains that become QATConv2d / QATLinear; the others noted."""
+    lone = []
+    for n in gm.graph.nodes:
+        if id(n) in in_chain or not _is_module(n, modules, (nn.Conv2d, nn.Linear)):
+            continue
         if calls[id(modules[n.target])] > 1:
             report.skipped.append((n.name, "module called more than once; left in float"))
-            lone.remove(n)
         elif isinstance(modules[n.target], nn.Conv2d) and modules[n.target].padding_mode != "zeros":
             report.skipped.append((n.name, "padding_mode is not 'zeros'; left in float"))
-            lone.remove(n)
-    new_modules = {}
-    for conv, bn, relu in chains:
-        new_modules[conv.target] = QATConvBn2d(modules[conv.target], modules[bn.target], relu is not None, weight_desc)
-    for n in lone:
-        m = modules[n.target]
-        new_modules[n.target] = (QATConv2d if isinstance(m, nn.Conv2d) else QATLinear).from_layer(m, weight_desc)
-    unsigned_desc = input_desc.replace(unsigned=True)
-    for n in gm.graph.nodes:  # other ops that have no int8 kernel here are noted, not failed
-        if n.op in ("call_module", "call_function", "call_method") and id(n) not in in_chain and n not in lone:
+        else:
+            lone.append(n)
+    return lone
+
+
+_FUNCTIONAL_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+
+
+def _note_float_ops(gm: fx.GraphModule, modules: dict[str, nn.Module], handled: set[int], report: QATReport) -> None:
+    """Report the ops with no int8 kernel here (they run in float) and functional dropouts (traced inactive)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _FUNCTIONAL_DROPOUTS:
+            report.skipped.append((n.name, "functional dropout, traced in eval mode: it does not drop in training "
+                                           "either (use an nn.Dropout module to train with dropout)"))
+        elif n.op in ("call_module", "call_function", "call_method") and id(n) not in handled:
             known = (keeps_grid(n, modules) or is_avgpool(n, modules) or is_tensor_add(n)
                      or _is_module(n, modules, (nn.BatchNorm2d,)))
             if not known:
-                report.skipped.append((n.name, "no int8 kernel for this op; it runs in float (convert_int8 dequantizes around it)"))
+                report.skipped.append((n.name, "no int8 kernel for this op; it runs in float "
+                                               "(convert_int8 dequantizes around it)"))
 
-    # ---- rewrite
+
+def _build_qat_layers(modules: dict[str, nn.Module], calls: dict[int, int], chains, lone: list[fx.Node],
+                      quant_desc_weight: QuantDescriptor) -> dict[str, nn.Module]:
+    """``{conv target: its QAT layer}``; hooks moved by the policy (a chain: conv's pre-hooks, last module's forward hooks)."""
+    new_modules: dict[str, nn.Module] = {}
+    for conv, bn, relu in chains:
+        new = QATConvBn2d(modules[conv.target], modules[bn.target], relu is not None, quant_desc_weight)
+        carry_forward_hooks(modules[conv.target], new, conv.target, kinds=("forward_pre",))
+        last = relu if relu is not None and calls[id(modules[relu.target])] == 1 else bn
+        if relu is not None and last is bn:
+            warn_dropped_hooks(modules[relu.target], relu.target, f"one of its calls is fused into '{conv.target}' "
+                               "(QATConvBn2d), which does not call it")
+        if last is not bn:
+            warn_dropped_hooks(modules[bn.target], bn.target, f"it is fused into '{conv.target}' (QATConvBn2d)")
+        carry_forward_hooks(modules[last.target], new, last.target, kinds=("forward",))
+        new_modules[conv.target] = new
+    for n in lone:
+        old = modules[n.target]
+        new_modules[n.target] = (QATConv2d if isinstance(old, nn.Conv2d) else QATLinear).from_float(
+            old, quant_desc_weight=quant_desc_weight)
+        carry_forward_hooks(old, new_modules[n.target], n.target)
+    return new_modules
+
+
+def _fuse_chains(gm: fx.GraphModule, chains, new_modules: dict[str, nn.Module], report: QATReport) -> None:
+    """Rewrite: each chain's last node's users read the conv node (now the QAT layer); the BN / ReLU nodes go."""
     for conv, bn, relu in chains:
         last = relu if relu is not None else bn
         last.replace_all_uses_with(conv)
@@ -420,10 +424,14 @@ def prepare_qat(
         report.fused.append((conv.target, bn.target, None if relu is None else relu.target))
     for target, new in new_modules.items():
         gm.add_submodule(target, new)
-    report.converted = [n.target for n in lone]
-    modules = modules_by_name(gm)
+
+
+def _insert_activation_quantizers(gm: fx.GraphModule, report: QATReport, quant_desc_input: QuantDescriptor,
+                                  quant_desc_model_input: QuantDescriptor) -> None:
+    """One quantizer per tensor an int8 kernel produces (signed; unsigned after a ReLU), and before float-fed inputs."""
     gm.add_submodule(ACTIVATION_QUANTIZERS, nn.Module())
     holder = gm.get_submodule(ACTIVATION_QUANTIZERS)
+    signed, unsigned = quant_desc_input, quant_desc_input.replace(unsigned=True)
 
     def insert_after(anchor: fx.Node, desc: QuantDescriptor) -> fx.Node:
         qname = anchor.name
@@ -434,44 +442,51 @@ def prepare_qat(
         report.quantizers[f"{ACTIVATION_QUANTIZERS}.{qname}"] = anchor.name
         return qnode
 
+    modules = modules_by_name(gm)
     producers = [n for n in gm.graph.nodes
                  if n.op == "placeholder" or (n.op == "call_module" and isinstance(modules[n.target], QAT_LAYERS))
                  or is_tensor_add(n)]
-    quantizer_of: dict[fx.Node, fx.Node] = {}
     for n in producers:
         if n.op == "placeholder":
-            quantizer_of[n] = insert_after(n, input_desc)
+            insert_after(n, quant_desc_model_input)
             continue
         anchor, after_relu = _output_anchor(n, modules)
         fused_relu = n.op == "call_module" and isinstance(modules[n.target], QATConvBn2d) and modules[n.target].relu
-        quantizer_of[n] = insert_after(anchor, unsigned_desc if (after_relu or fused_relu) else input_desc)
-    # inputs of quantized ops that come from a float op (no int8 kernel): quantize them there
-    modules = modules_by_name(gm)
+        insert_after(anchor, unsigned if (after_relu or fused_relu) else signed)
 
+    # inputs of quantized ops that come from a float op (no int8 kernel): quantize them there
     def reaches_quantizer(v: fx.Node) -> bool:
         while isinstance(v, fx.Node):
-            if v.op == "call_module" and v.target.startswith(ACTIVATION_QUANTIZERS + "."):
+            if _is_activation_quantizer(v):
                 return True
             if not (keeps_grid(v, modules) or is_avgpool(v, modules)) or not v.args:
                 return False
             v = v.args[0]
         return False
 
+    modules = modules_by_name(gm)
     for n in list(gm.graph.nodes):
         quantized_op = (n.op == "call_module" and isinstance(modules[n.target], QAT_LAYERS)) or is_tensor_add(n)
         if not quantized_op:
             continue
         for a in n.args[:2] if is_tensor_add(n) else n.args[:1]:
             if isinstance(a, fx.Node) and not reaches_quantizer(a):
-                insert_after(a, input_desc)
+                insert_after(a, signed)
                 modules = modules_by_name(gm)
-    # average pools: re-apply the quantizer their input carries
+
+
+def _is_activation_quantizer(node: fx.Node) -> bool:
+    return node.op == "call_module" and node.target.startswith(ACTIVATION_QUANTIZERS + ".")
+
+
+def _reapply_on_avg_pools(gm: fx.GraphModule, report: QATReport) -> None:
+    """Average pools re-apply the quantizer their input carries (the int8 kernel keeps the input's scale)."""
     modules = modules_by_name(gm)
     for n in list(gm.graph.nodes):
         if not is_avgpool(n, modules):
             continue
         src = n.args[0]
-        while isinstance(src, fx.Node) and not (src.op == "call_module" and src.target.startswith(ACTIVATION_QUANTIZERS + ".")):
+        while isinstance(src, fx.Node) and not _is_activation_quantizer(src):
             if not keeps_grid(src, modules):
                 src = None
                 break
@@ -483,23 +498,108 @@ def prepare_qat(
             qnode = gm.graph.call_module(src.target, (n,))
         n.replace_all_uses_with(qnode, delete_user_cb=lambda u: u is not qnode)
         report.reapplied.append(n.name)
+
+
+def _check_qat_descriptors(quant_desc_weight: Any, quant_desc_input: Any, quant_desc_model_input: Any) -> None:
+    _check_descriptor(quant_desc_weight, "quant_desc_weight")
+    for what, desc in (("quant_desc_input", quant_desc_input), ("quant_desc_model_input", quant_desc_model_input)):
+        _check_descriptor(desc, what)
+        if desc.axis is not None:
+            raise ValueError(f"{what} must be per tensor (axis=None), got axis={desc.axis}: an int8 activation has one scale")
+    if quant_desc_input.unsigned:
+        raise ValueError("quant_desc_input must be signed: prepare_qat makes an activation unsigned only after a "
+                         "ReLU (anything else can be negative: residual sums, logits). For non-negative model "
+                         "inputs pass quant_desc_model_input=QuantDescriptor(unsigned=True)")
+    if quant_desc_weight.axis not in (None, (0,)):
+        raise ValueError(f"quant_desc_weight must be per tensor or per output channel (axis=0), "
+                         f"got axis={quant_desc_weight.axis}")
+
+
+def _output_anchor(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, bool]:
+    """Where a quantized op's output quantizer goes: after its only-user ReLU / ReLU6 (unsigned), else right after it."""
+    user = _single_user(node)
+    if user is not None and is_relu(user, modules):
+        return user, True
+    return node, False
+
+
+def prepare_qat(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    quant_desc_weight: QuantDescriptor = QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL,
+    quant_desc_input: QuantDescriptor = QUANT_DESC_8BIT_PER_TENSOR,
+    *,
+    quant_desc_model_input: QuantDescriptor | None = None,
+    inplace: bool = False,
+    **trace_kwargs: Any,
+) -> fx.GraphModule:
+    """Trace ``model``, fuse Conv+BN(+ReLU) for QAT, insert quantizers; return a trainable fake-quant GraphModule.
+
+    ``quant_desc_weight``: the weight quantizers' descriptor (per output
+    channel, ``axis=0``, by default; ``num_bits=4`` for 4-bit weights).
+    ``quant_desc_input``: the activation quantizers' (per tensor, signed);
+    after a ReLU / ReLU6 the same descriptor with ``unsigned=True`` is used.
+    ``quant_desc_model_input``: the model input's (default: ``quant_desc_input``).
+    ``example_inputs`` (optional) are run once through the result to check it
+    computes. Every quantizer starts without amax: call
+    :func:`fusionlib.quant.calibrate` next. The model is traced in eval mode
+    and deep-copied unless ``inplace=True``; its train / eval mode is kept.
+    The report is ``gm.qat_report``. Raises :class:`fusionlib.fx.FxTraceError`
+    (with its ways out) for an untraceable model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_qat takes an nn.Module, got {type(model).__name__}")
+    renamed = sorted({"weight_desc", "input_desc"} & set(trace_kwargs))
+    if renamed:
+        raise TypeError(f"prepare_qat got {renamed}: its descriptors are quant_desc_weight, quant_desc_input and "
+                        "quant_desc_model_input (pytorch-quantization's names)")
+    quant_desc_model_input = quant_desc_input if quant_desc_model_input is None else quant_desc_model_input
+    _check_qat_descriptors(quant_desc_weight, quant_desc_input, quant_desc_model_input)
+    if any(isinstance(m, (TensorQuantizer,) + QAT_LAYERS) for m in model.modules()):
+        raise ValueError("prepare_qat: the model already has quantizers / QAT layers; pass the float model")
+    name = type(model).__name__
+    training = model.training
+    if not inplace:
+        model = copy.deepcopy(model)
+    with eval_mode(model):  # the inference graph: flags read at trace time (F.dropout's training) are False
+        gm = model if isinstance(model, fx.GraphModule) else symbolic_trace(model, **trace_kwargs)
+    modules = modules_by_name(gm)
+    report = QATReport(name)
+
+    # ---- decide everything first
+    calls = _call_counts(gm, modules)
+    chains = _plan_fusion(gm, modules, calls, report)
+    in_chain = {id(n) for chain in chains for n in chain if n is not None}
+    lone = _plan_lone_layers(gm, modules, calls, in_chain, report)
+    _note_float_ops(gm, modules, in_chain | {id(n) for n in lone}, report)
+    new_modules = _build_qat_layers(modules, calls, chains, lone, quant_desc_weight)
+
+    # ---- rewrite
+    _fuse_chains(gm, chains, new_modules, report)
+    report.converted = [n.target for n in lone]
+    _insert_activation_quantizers(gm, report, quant_desc_input, quant_desc_model_input)
+    _reapply_on_avg_pools(gm, report)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     gm.train(training)
     gm.qat_report = report
+    dropouts = [node for node, why in report.skipped if why.startswith("functional dropout")]
+    if dropouts and training:
+        warnings.warn(f"prepare_qat traced {name} in eval mode: the functional dropout at {dropouts} does not drop "
+                      "during QAT training either; use an nn.Dropout module to train with dropout", stacklevel=2)
     if example_inputs is not None:
-        args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-        with torch.no_grad():
-            from fusionlib.quant.ptq import disabled_quantizers
-            with disabled_quantizers(gm):
-                was = gm.training
-                gm.eval()
-                try:
-                    gm(*args)
-                finally:
-                    gm.train(was)
+        _run_once(gm, example_inputs)
     return gm
+
+
+def _run_once(gm: fx.GraphModule, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    """One eval-mode forward with every quantizer off: the prepared graph computes."""
+    from fusionlib.quant.ptq import disabled_quantizers
+
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    with torch.no_grad(), disabled_quantizers(gm), eval_mode(gm):
+        gm(*args)
 
 
 def freeze_bn_stats(model: nn.Module) -> int:
@@ -512,6 +612,23 @@ def freeze_bn_stats(model: nn.Module) -> int:
     return count
 
 
+def _deployed_float_layer(m: nn.Module) -> nn.Module | None:
+    """The float layer holding a QAT layer's fake-quantized (folded) weight; None for any other module."""
+    with torch.no_grad():
+        if isinstance(m, QATConvBn2d):
+            return nn.Sequential(m.folded(), nn.ReLU()) if m.relu else m.folded()
+        if isinstance(m, QATConv2d):
+            return float_conv(m, m.quantized_weight(), m.bias)
+        if isinstance(m, QATLinear):
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                            device=m.weight.device, dtype=m.weight.dtype).eval()
+            new.weight.copy_(m.quantized_weight())
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+            return new
+    return None
+
+
 def export_folded(qat_model: fx.GraphModule, keep_activation_quantizers: bool = True) -> fx.GraphModule:
     """The deployed float model: every QAT layer replaced by a float layer holding its fake-quantized folded weight.
 
@@ -519,7 +636,8 @@ def export_folded(qat_model: fx.GraphModule, keep_activation_quantizers: bool = 
     :class:`QATConv2d` / :class:`QATLinear` their float class with ``fq(W)``.
     With ``keep_activation_quantizers`` the activation quantizers stay (the
     result equals the QAT model in eval mode, up to float rounding); without,
-    it is the fp32 model whose weights are the int8 ones. Returns a new eval-mode GraphModule.
+    it is the fp32 model whose weights are the int8 ones. Each float layer
+    keeps its QAT layer's forward hooks. Returns a new eval-mode GraphModule.
     """
     if not isinstance(qat_model, fx.GraphModule) or not hasattr(qat_model, ACTIVATION_QUANTIZERS):
         raise TypeError(f"export_folded takes the GraphModule made by prepare_qat, got {type(qat_model).__name__}")
@@ -529,30 +647,14 @@ def export_folded(qat_model: fx.GraphModule, keep_activation_quantizers: bool = 
         if node.op != "call_module":
             continue
         m = modules[node.target]
-        with torch.no_grad():
-            if isinstance(m, QATConvBn2d):
-                new: nn.Module = m.folded()
-                if m.relu:
-                    new = nn.Sequential(new, nn.ReLU())
-            elif isinstance(m, QATConv2d):
-                new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                                m.groups, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype).eval()
-                new.weight.copy_(m.quantized_weight())
-                if m.bias is not None:
-                    new.bias.copy_(m.bias)
-            elif isinstance(m, QATLinear):
-                new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                                device=m.weight.device, dtype=m.weight.dtype).eval()
-                new.weight.copy_(m.quantized_weight())
-                if m.bias is not None:
-                    new.bias.copy_(m.bias)
-            elif isinstance(m, TensorQuantizer) and not keep_activation_quantizers:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-                continue
-            else:
-                continue
-        gm.add_submodule(node.target, new)
+        if isinstance(m, TensorQuantizer) and not keep_activation_quantizers:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            continue
+        new = _deployed_float_layer(m)
+        if new is not None:
+            carry_forward_hooks(m, new, node.target)
+            gm.add_submodule(node.target, new)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
@@ -561,7 +663,7 @@ def export_folded(qat_model: fx.GraphModule, keep_activation_quantizers: bool = 
 
 # ---------------------------------------------------------------------- QAT fine-tuning of the digits models, cached
 #: Part of every trained_qat_model cache key: bump it when QAT's arithmetic changes.
-QAT_CACHE_VERSION = 1
+QAT_CACHE_VERSION = 2
 
 def trained_qat_model(
     name: str = "resnet18",
@@ -613,13 +715,13 @@ def trained_qat_model(
     fp32, fp32_metrics = zoo.trained_model(name, epochs=fp32_epochs, image_size=image_size, seed=seed, progress=progress)
     train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
     example = next(iter(test_loader))[0]
-    weight_desc = QuantDescriptor(num_bits=int(weight_bits), axis=0, learn_amax=bool(learn_amax))
-    input_desc = QuantDescriptor(num_bits=8, learn_amax=bool(learn_amax))
+    quant_desc_weight = QuantDescriptor(num_bits=int(weight_bits), axis=0, learn_amax=bool(learn_amax))
+    quant_desc_input = QuantDescriptor(num_bits=8, learn_amax=bool(learn_amax))
 
     frozen = freeze_bn_epoch is not None and freeze_bn_epoch <= epochs  # BN statistics frozen by the end
 
     def fresh() -> fx.GraphModule:
-        return prepare_qat(fp32, example, weight_desc=weight_desc, input_desc=input_desc)
+        return prepare_qat(fp32, example, quant_desc_weight=quant_desc_weight, quant_desc_input=quant_desc_input)
 
     def train(gm: fx.GraphModule) -> dict[str, Any]:
         seed_everything(seed)
@@ -637,5 +739,4 @@ def trained_qat_model(
                 "fp32_accuracy": fp32_metrics["test_accuracy"], "history": history,
                 "train_seconds": time.perf_counter() - start, "params": params, "key": key}
 
-    # the freeze flag is not in the state dict: a cached model gets it back after loading
-    return zoo.cached_training(path, fresh, train, use_cache, restored=freeze_bn_stats if frozen else None)
+    return zoo.cached_training(path, fresh, train, use_cache)  # freeze_bn is in the state dict
