@@ -196,7 +196,8 @@ def test_run_and_sweep_real_notebooks_with_papermill(tmp_path, monkeypatch):
     # one folder per run: parameters, executed notebook, log, status
     assert sorted(p.name for p in (out / "good__x=3").iterdir()) == ["good.ipynb", "log.txt", "parameters.json",
                                                                       "status.json"]
-    assert json.loads((out / "good__x=3" / "status.json").read_text())["output"] == "good.ipynb"  # movable
+    status = json.loads((out / "good__x=3" / "status.json").read_text())
+    assert status["output"] == "good__x=3/good.ipynb"  # relative to the folder: it can be moved
     records = ex.read_records(_strict_json((out / "good__x=3" / "good.ipynb").read_text()))  # standard JSON, NaN
     assert records["twice_x"] == 6 and records["ipc_files_here"] == 0 and math.isnan(records["nan_x"])
     assert (records["speedup_x"], records["speedup_x_lo"], records["speedup_x_hi"]) == (1.5, 1.4, 1.6)

@@ -260,7 +260,8 @@ def execute_run(spec: RunSpec | Mapping[str, Any], out_dir: str | Path, timeout:
     if partial.exists():
         os.replace(partial, final)
     status.update(status=result.status, seconds=round(result.seconds, 3), ename=result.ename,
-                  evalue=result.evalue, records=result.records, finished=_now(), output=final.name)
+                  evalue=result.evalue, records=result.records, finished=_now(),
+                  output=f"{spec.name}/{final.name}")  # relative to the sweep folder
     write_json(run_dir / STATUS_FILE, status)
     return status
 
