@@ -16,8 +16,12 @@ pass on example inputs:
    the output of a conv / linear call is a candidate ``[conv, bn]`` when that
    output has no consumer other than the BatchNorm (uses inside the
    BatchNorm's own call are its own), both modules ran once and have one name,
-   carry no hooks, and nothing outside their calls read their parameters or
-   buffers. ``[conv, bn, relu]`` when the BatchNorm output likewise goes only
+   nothing outside their calls read their parameters or buffers, and fusion
+   keeps their hooks: the conv's forward pre-hooks and the group's last
+   module's forward hooks move to the fused module (the hook policy,
+   :func:`fusionlib.modules.carry_forward_hooks`); any other hook (a forward
+   hook on the conv reads an output that no longer exists) leaves the group
+   unfused, named in the report. ``[conv, bn, relu]`` when the BatchNorm output likewise goes only
    to an ``nn.ReLU``. Folding is the usual ``W' = W·γ/√(σ²+ε)``,
    ``b' = (b−μ)·γ/√(σ²+ε) + β`` (:mod:`fusionlib.folding`).
 3. **Fuse and verify.** :func:`~fusionlib.fusion.fuse_modules` fuses every
@@ -63,7 +67,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fusionlib.folding import FusionError, is_batchnorm, stock_forward_base
 from fusionlib.fusion import UnsupportedFusionError, fuse_modules, get_fuser_method
 from fusionlib.fx.fusion import FusedPair, FusionReport, SkippedBatchNorm
-from fusionlib.modules import set_submodule
+from fusionlib.modules import HOOK_KINDS, hook_names, set_submodule
 from fusionlib.verify import Comparison, compare_outputs
 
 __all__ = ["auto_fuse", "AutoFuseReport", "AutoFuseError", "record_dataflow"]
@@ -335,7 +339,21 @@ def _compare(reference: Any, candidate: Any, rtol: float, name: str) -> Comparis
 
 # --------------------------------------------------------------------------- planning
 
-def _plan(flow: Dataflow, model: nn.Module, report: AutoFuseReport, hooked: set[int]) -> list[list[nn.Module]]:
+def _hooks_lost(flow: Dataflow, group: list[nn.Module]) -> list[str]:
+    """The hooks fusing ``group`` would drop: all but the first module's forward pre-hooks and the last
+    module's forward hooks, which move to the fused module with their meaning (the hook policy,
+    :func:`fusionlib.modules.carry_forward_hooks`)."""
+    lost = []
+    for position, module in enumerate(group):
+        kept = {"forward_pre"} if position == 0 else set()
+        if position == len(group) - 1:
+            kept.add("forward")
+        lost += [f"{hook} on '{flow.names[id(module)]}'"
+                 for hook in hook_names(module, [kind for kind in HOOK_KINDS if kind not in kept])]
+    return lost
+
+
+def _plan(flow: Dataflow, model: nn.Module, report: AutoFuseReport) -> list[list[nn.Module]]:
     names_of: dict[int, list[str]] = defaultdict(list)
     for name, m in model.named_modules(remove_duplicate=False):
         names_of[id(m)].append(name)
@@ -350,8 +368,6 @@ def _plan(flow: Dataflow, model: nn.Module, report: AutoFuseReport, hooked: set[
             return f"'{name}' ran {len(flow.calls_of[id(module)])} times in the recorded forward"
         if len(names_of[id(module)]) != 1:
             return f"'{name}' sits under several names {names_of[id(module)]}"
-        if id(module) in hooked:
-            return f"'{name}' carries hooks, which fusion would move or drop"
         readers = flow.outside_readers(module)
         if readers:
             return f"its parameters / buffers are also read by {readers[:3]}, which would see folded values"
@@ -403,12 +419,17 @@ def _plan(flow: Dataflow, model: nn.Module, report: AutoFuseReport, hooked: set[
             continue
         group = [layer, bn]
         relu = _following_relu(flow, bn_call, why_not_single)
-        if relu is not None:
+        if relu is not None and not _hooks_lost(flow, [layer, bn, relu]):
             try:
                 get_fuser_method((type(layer), type(bn), type(relu)))
                 group.append(relu)
             except UnsupportedFusionError:
                 pass
+        lost = _hooks_lost(flow, group)
+        if lost:
+            skip(bn_name, "hooks", f"fusing would drop the {', '.join(lost)}; only the first module's forward "
+                 "pre-hooks and the last one's forward hooks move to the fused module", layer_name)
+            continue
         groups.append(group)
     return groups
 
@@ -462,9 +483,6 @@ def auto_fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
     _check_eval_mode(model)
     work = model if inplace else copy.deepcopy(model)
     name = type(model).__name__
-    hooked = {id(m) for m in work.modules()
-              if any(getattr(m, d, None) for d in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks",
-                                                     "_backward_pre_hooks"))}
     try:
         flow, reference = record_dataflow(work, args)
     except Exception as error:
@@ -480,7 +498,7 @@ def auto_fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
 
     report = AutoFuseReport(name, module_calls=len(flow.calls))
     report.batchnorm_calls_before = sum(1 for m in work.modules() if is_batchnorm(m))
-    groups = _plan(flow, work, report, hooked)
+    groups = _plan(flow, work, report)
     del flow  # let the recorded tensors go
     names = [[_name_of(work, m) for m in group] for group in groups]
     kinds = ["+".join(type(m).__name__ for m in group) for group in groups]

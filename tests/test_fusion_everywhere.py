@@ -392,6 +392,39 @@ def test_auto_fuse_inplace_true_fuses_the_model_itself() -> None:
     close(reference, model, torch.randn(2, 3, 6, 6))
 
 
+def _hooked_block() -> tuple[nn.Module, list[str]]:
+    torch.manual_seed(0)
+    model = randomize_all_batchnorms(Block(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    seen: list[str] = []
+    model.conv.register_forward_pre_hook(lambda m, args: seen.append(f"pre {type(m).__name__}"))
+    model.relu.register_forward_hook(lambda m, args, out: seen.append(f"post {type(m).__name__}"))
+    return model, seen
+
+
+def test_auto_fuse_keeps_the_hooks_fusion_can_carry() -> None:
+    model, seen = _hooked_block()
+    x = torch.randn(1, 3, 6, 6)
+    fused, report = auto_fuse(model, x)
+    assert report.groups == [["conv", "bn", "relu"]], str(report)
+    seen.clear()
+    with torch.no_grad():
+        fused(x)
+    assert seen == ["pre ConvReLU2d", "post ConvReLU2d"]  # conv's pre-hook, relu's hook: on the fused module
+    close(model, fused, x)
+
+
+def test_auto_fuse_leaves_a_group_whose_hooks_would_be_dropped_and_names_them() -> None:
+    model, _ = _hooked_block()
+    model.bn.register_forward_hook(lambda m, args, out: None)  # reads BN's output: [conv, bn] keeps it last
+    fused, report = auto_fuse(model, torch.randn(1, 3, 6, 6))
+    assert report.groups == [["conv", "bn"]] and isinstance(fused.relu, nn.ReLU), str(report)
+    model.conv.register_forward_hook(lambda m, args, out: None)  # reads the conv's output: nothing can keep it
+    fused, report = auto_fuse(model, torch.randn(1, 3, 6, 6))
+    assert report.groups == [] and isinstance(fused.bn, nn.BatchNorm2d)
+    (skip,) = report.skipped
+    assert skip.kind == "hooks" and "forward hook" in skip.detail and "on 'conv'" in skip.detail
+
+
 class TwoInputs(nn.Module):
     def __init__(self) -> None:
         super().__init__()
