@@ -24,6 +24,7 @@ a list of str is; an int is accepted for a float, any value for ``None``).
 from __future__ import annotations
 
 import ast
+import datetime as _dt
 import hashlib
 import io
 import itertools
@@ -115,9 +116,9 @@ def _check_json(where: str, key: str, value: Any) -> None:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         kind = "a non-finite number" if isinstance(value, float) else _a(_type_name(value))
+        hint = f" (quote it to pass it as text: '{value}')" if isinstance(value, (_dt.date, _dt.time)) else ""
         raise SweepError(f"{where}: parameter {key!r} = {value!r} is {kind}, which a run cannot take; "
-                         "use a number, a string, a bool, null, or a list / mapping of them "
-                         "(quote it to pass text: '2024-01-01')") from None
+                         f"use a finite number, a string, a bool, null, or a list / mapping of them{hint}") from None
 
 
 def check_timeout(timeout: Any) -> int | None:
