@@ -291,3 +291,20 @@ def test_onnx_cell_magic_runs_cells_reports_errors_and_skips_without_the_extra(m
         assert deploy.INSTALL_HINT in deploy.status_line()
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_integer_output_quantizers_are_refused_and_unsigned_narrow_range_is_not(tmp_path):
+    x = torch.rand(1, 3, 8, 8)
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 2, 3)).eval(),
+                           quant_desc_input=QuantDescriptor(fake_quant=False, amax=1.0),
+                           quant_desc_weight=QuantDescriptor(axis=0))
+    calibrate(model, [x])
+    with pytest.raises(ValueError, match=r"fake_quant=False: it outputs the integers.*: 0.input_quantizer"):
+        deploy.export_onnx(model, x, tmp_path / "ints.onnx")
+    assert list(tmp_path.iterdir()) == []
+    unsigned_narrow = quantize_model(nn.Sequential(nn.Conv2d(3, 2, 3)).eval(),
+                                     quant_desc_input=QuantDescriptor(unsigned=True, narrow_range=True))
+    calibrate(unsigned_narrow, [x])
+    report = deploy.export_onnx(unsigned_narrow, x, tmp_path / "unsigned.onnx")  # the grid is [0, 255] either way
+    result = compare_outputs(_run(unsigned_narrow, x), deploy.ort_session(report.path)(x), rtol=1e-4, name="uint8")
+    assert result.passed, result

@@ -158,3 +158,34 @@ def test_op_without_int8_kernel_stays_float_with_a_warning():
     with torch.no_grad():
         a, b = gm(x), q(x)
     assert float((a - b).norm() / a.norm()) < 0.02
+
+
+def _calibrated(model: nn.Module, **descriptors) -> torch.fx.GraphModule:
+    torch.manual_seed(0)
+    gm = prepare_qat(model.eval(), **descriptors)
+    calibrate(gm, [torch.randn(8, 3, 10, 10)])
+    return gm
+
+
+def test_narrow_range_activations_are_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    gm = _calibrated(model, quant_desc_input=QuantDescriptor(narrow_range=True))
+    with pytest.raises(ValueError, match=r"narrow-range activation .*: act_quant\.input_1"):
+        convert_int8(gm)
+    narrow_weights = _calibrated(model, quant_desc_weight=QuantDescriptor(axis=0, narrow_range=True))
+    convert_int8(narrow_weights)  # narrow-range weights are int8 integers in [-127, 127]: fine
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_padding_same_is_resolved_to_integers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 2, (1, 3), padding="same"), nn.Conv2d(2, 2, 1, padding="valid"))
+    gm = _calibrated(model)
+    x = torch.randn(2, 3, 10, 10)
+    q = convert_int8(gm, x)
+    with torch.no_grad():
+        assert q(x).shape == gm(x).shape == (2, 2, 10, 10)
+    even = _calibrated(nn.Sequential(nn.Conv2d(3, 2, 2, padding="same")))
+    with pytest.raises(ValueError, match=r"padding='same' .*one more on the right"):
+        convert_int8(even)

@@ -341,3 +341,68 @@ def test_8bit_per_channel_ptq_of_the_digits_models_is_within_two_points(name):
     fp32, int8 = train.evaluate(model, test_loader), train.evaluate(quant, test_loader)
     print(f"{name}: fp32 {fp32:.4f}, int8 PTQ {int8:.4f}, calibration {seconds:.1f} s")
     assert int8 >= fp32 - 0.02  # the goal is 1 point on average over seeds; one seed gets 2
+
+
+# ----------------------------------------------------------------------------- edges
+def test_excluding_one_name_of_a_shared_module_keeps_it_shared_and_float():
+    conv = nn.Conv2d(3, 3, 1)
+    model = nn.Sequential(conv, nn.ReLU(), conv, nn.Conv2d(3, 3, 1))
+    quant = quantize_model(model, exclude=["2"])
+    assert quant[0] is quant[2] and type(quant[0]) is nn.Conv2d and type(quant[3]) is QuantConv2d
+    named = quantize_model(model, ["0"])  # naming one name converts the module under both
+    assert named[0] is named[2] and type(named[0]) is QuantConv2d
+
+
+def test_weight_norm_and_subclass_layers_are_named_not_skipped_silently():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1))
+    model[0] = torch.nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.warns(UserWarning, match=r"leaves float: 0 \(ParametrizedConv2d: its weight is parametrized"):
+        quant = quantize_model(model)
+    assert type(quant[1]) is QuantConv2d
+    with pytest.raises(ValueError, match=r"remove_parametrizations"):
+        quantize_model(model, ["0"])
+
+
+def test_quantize_model_keeps_forward_hooks():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+    seen = []
+    model[0].register_forward_pre_hook(lambda m, a: seen.append(("pre", type(m).__name__)))
+    model[0].register_forward_hook(lambda m, a, kw, out: seen.append(("out", type(m).__name__)), with_kwargs=True)
+    quant = quantize_model(model)
+    with disabled_quantizers(quant):
+        quant(torch.randn(1, 3, 4, 4))
+    assert seen == [("pre", "QuantConv2d"), ("out", "QuantConv2d")]
+    model(torch.randn(1, 3, 4, 4))  # inplace=False: the caller's model keeps its own hooks
+    assert seen[2:] == [("pre", "Conv2d"), ("out", "Conv2d")]
+
+
+def test_keep_float_survives_a_state_dict_reload():
+    model = small_quant_model()
+    calibrate(model, batches())
+    keep_float(model, ["2"])
+    fresh = small_quant_model(seed=5)
+    result = fresh.load_state_dict(model.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert fresh[2].input_quantizer.disabled and fresh[2].weight_quantizer.disabled
+    x = batches()[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_calibrate_feeds_every_input_of_a_two_input_model():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = QuantConv2d(3, 2, 1), QuantConv2d(3, 2, 1)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    x, y = torch.randn(2, 3, 4, 4), 5 * torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"forward takes 2 inputs.*\(\(x1, x2, \.\.\.\), labels\)"):
+        calibrate(model, [(x, y)])
+    assert model.a.input_quantizer.amax is None  # nothing half-applied
+    amax = calibrate(model, [((x, y), torch.zeros(2))])
+    assert float(amax["b.input_quantizer"]) == float(y.abs().max())

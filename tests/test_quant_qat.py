@@ -10,7 +10,7 @@ from torch import nn
 
 from fusionlib import models
 from fusionlib.fx import FxTraceError
-from fusionlib.quant import QuantDescriptor, calibrate, fake_quantize, quantizers
+from fusionlib.quant import QuantDescriptor, calibrate, disabled_quantizers, fake_quantize, quantizers
 from fusionlib.quant.qat import (
     ACTIVATION_QUANTIZERS,
     QAT_LAYERS,
@@ -326,3 +326,112 @@ def _cached_fp32(name, **kwargs):
 
 
 from fusionlib.zoo import trained_model as _ORIGINAL_TRAINED_MODEL  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- edges (issue: no silent wrong answers)
+class _SmallNet(nn.Module):
+    """conv-bn-relu, a residual add, a functional dropout, a linear head: the edges prepare_qat meets."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv(x)))
+        y = y + self.conv2(y)
+        y = F.dropout(self.pool(y).flatten(1), 0.5, self.training)
+        return self.fc(y)
+
+
+def test_functional_dropout_in_a_train_mode_model_is_traced_inactive_and_named():
+    torch.manual_seed(0)
+    model = _SmallNet().train()
+    with pytest.warns(UserWarning, match=r"functional dropout at \['dropout'\]"):
+        gm = prepare_qat(model)
+    assert gm.training and any(node == "dropout" for node, _ in gm.qat_report.skipped)
+    calibrate(gm, [torch.randn(8, 3, 8, 8)])
+    x = torch.randn(4, 3, 8, 8)
+    gm.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), gm(x))  # nothing dropped in eval mode
+        with disabled_quantizers(gm):
+            torch.testing.assert_close(gm(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+    from fusionlib.quant.int8 import convert_int8
+
+    convert_int8(gm, x)  # no bernoulli_ on quantized tensors
+
+
+def test_model_input_has_its_own_descriptor_and_other_activations_stay_signed():
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    with pytest.raises(ValueError, match="quant_desc_input must be signed.*quant_desc_model_input"):
+        prepare_qat(model, quant_desc_input=QuantDescriptor(unsigned=True))
+    gm = prepare_qat(model, quant_desc_model_input=QuantDescriptor(unsigned=True))
+    named = quantizers(gm)
+    assert named[f"{ACTIVATION_QUANTIZERS}.x"].unsigned
+    assert named[f"{ACTIVATION_QUANTIZERS}.conv"].unsigned  # after the fused ReLU
+    assert not named[f"{ACTIVATION_QUANTIZERS}.add"].unsigned and not named[f"{ACTIVATION_QUANTIZERS}.fc"].unsigned
+    x = torch.rand(16, 3, 8, 8)
+    calibrate(gm, [x])
+    with torch.no_grad():
+        logits, reference = gm(x), model(x)
+    assert float(reference.min()) < 0 and float(logits.min()) < 0  # logits below 0 survive
+
+
+def test_zero_gamma_channel_gives_finite_outputs_and_running_statistics():
+    conv, bn, m = _qat()
+    with torch.no_grad():
+        m.bn.weight[2] = 0.0  # a pruned channel
+    m.weight_quantizer.amax = (conv.weight * m.scale_factor().reshape(-1, 1, 1, 1)).abs().amax(
+        dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+    x = torch.randn(5, 4, 8, 8)
+    out = m.train()(x)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(m.bn.running_mean).all())
+    assert bool(torch.isfinite(m.bn.running_var).all())
+    torch.testing.assert_close(out[:, 2], torch.full_like(out[:, 2], float(m.bn.bias[2])))  # γ = 0: y = β
+    # the pruned channel's running statistics are those of the float conv output, as BatchNorm would keep
+    y = F.conv2d(x, conv.weight, None, 1, 1)[:, 2]
+    expect_mean = 0.9 * bn.running_mean[2] + 0.1 * y.mean()
+    torch.testing.assert_close(m.bn.running_mean[2], expect_mean.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_bn_survives_a_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    gm = prepare_qat(model)
+    calibrate(gm, [torch.randn(8, 3, 8, 8)])
+    assert freeze_bn_stats(gm) == 1
+    fresh = prepare_qat(model)
+    result = fresh.load_state_dict(gm.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert fresh.conv.freeze_bn
+    x = torch.randn(4, 3, 8, 8)
+    gm.train(), fresh.train()
+    with torch.no_grad():
+        assert torch.equal(gm(x), fresh(x))  # train mode with running statistics in both
+
+
+def test_prepare_qat_moves_hooks_by_the_policy():
+    torch.manual_seed(0)
+    model = _SmallNet().eval()
+    calls = []
+    model.conv.register_forward_pre_hook(lambda m, a: calls.append("conv pre"))
+    model.relu.register_forward_hook(lambda m, a, out: calls.append(("relu out", float(out.min()))))
+    model.fc.register_forward_hook(lambda m, a, out: calls.append("fc out"))
+
+    def inspect_bn(m, a, out):
+        calls.append("bn")
+
+    model.bn.register_forward_hook(inspect_bn)
+    with pytest.warns(UserWarning, match=r"inspect_bn.*'bn' \(BatchNorm2d\) is dropped"):
+        gm = prepare_qat(model)
+    with torch.no_grad(), disabled_quantizers(gm):
+        gm(torch.randn(2, 3, 8, 8))
+    assert calls == ["conv pre", ("relu out", 0.0), "fc out"]  # the fused layer's output is the ReLU's
+
+
+def test_old_descriptor_names_are_a_clear_error():
+    with pytest.raises(TypeError, match="quant_desc_weight, quant_desc_input and quant_desc_model_input"):
+        prepare_qat(nn.Conv2d(3, 3, 1), weight_desc=QuantDescriptor())

@@ -479,7 +479,7 @@ def quantize_model(
                        if why is not None and isinstance(modules[n], tuple(QUANT_MODULES))
                        and not isinstance(modules[n], QuantMixin)]
         if look_alikes:
-            warnings.warn(f"quantize_model leaves float: {look_alikes}", UserWarning, stacklevel=2)
+            warnings.warn(f"quantize_model leaves float: {'; '.join(look_alikes)}", UserWarning, stacklevel=2)
     kept = {id(modules[n]) for n in exclude}
     chosen_ids = {id(modules[n]) for n, why in reasons.items() if why is None and id(modules[n]) not in kept}
     targets = [n for n, m in modules.items() if id(m) in chosen_ids]  # every name of a chosen module
