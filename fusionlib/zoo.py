@@ -29,7 +29,7 @@ from torchvision.models.resnet import ResNet
 from fusionlib.modules import set_submodule
 
 __all__ = ["CACHE_VERSION", "DEFAULT_LR", "cache_dir", "cache_key", "load_cached", "save_cached", "cached_training",
-           "trained_model"]
+           "trained_model", "trained_qat_model"]
 
 T = TypeVar("T")
 
@@ -236,3 +236,85 @@ def save_cached(obj: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------------- QAT fine-tuning of the digits models, cached
+#: Part of every trained_qat_model cache key: bump it when QAT's arithmetic changes.
+QAT_CACHE_VERSION = 2
+
+def trained_qat_model(
+    name: str = "resnet18",
+    weight_bits: int = 8,
+    epochs: int = 1,
+    lr: float = 0.005,
+    freeze_bn_epoch: int | None = None,
+    calib_batches: int = 4,
+    learn_amax: bool = False,
+    seed: int = 0,
+    fp32_epochs: int = 3,
+    image_size: int = 32,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A digits model fine-tuned with QAT from its fp32 checkpoint (:func:`fusionlib.trained_model`), cached.
+
+    Steps: ``prepare_qat`` (per-channel ``weight_bits`` weights, 8-bit
+    activations), ``calibrate`` (max, ``calib_batches`` training batches: the
+    PTQ starting point), then :func:`fusionlib.train.fit` for ``epochs`` with
+    peak rate ``lr``, BatchNorm training with batch statistics and the
+    running-statistics correction. ``freeze_bn_epoch=k`` freezes the
+    statistics after ``k`` epochs (``0``: from the start; ``None``: never in
+    this run); the two parts are two :func:`fit` calls, each with its own
+    one-cycle schedule. ``learn_amax``:
+    the activation and weight amax are trained too (LSQ gradient). The state
+    dict and metrics are cached in :func:`cache_dir` under
+    ``qat-{name}-{key}.pt``, keyed by every parameter here except ``progress``
+    / ``use_cache``, plus the torch version; written atomically.
+    Returns ``(qat_model.eval(), metrics)``: ``ptq_accuracy`` (after
+    calibration, before training), ``test_accuracy``, ``fp32_accuracy``,
+    ``history``, ``train_seconds``, ``params``, ``cached``.
+    """
+    from fusionlib.data import digits_loaders
+    from fusionlib.quant import QuantDescriptor
+    from fusionlib.quant.ptq import calibrate
+    from fusionlib.quant.qat import freeze_bn_stats, prepare_qat
+    from fusionlib.train import evaluate, fit, seed_everything
+
+    params = {"name": name, "weight_bits": int(weight_bits), "epochs": int(epochs), "lr": float(lr),
+              "freeze_bn_epoch": freeze_bn_epoch, "calib_batches": int(calib_batches), "learn_amax": bool(learn_amax),
+              "seed": int(seed), "fp32_epochs": int(fp32_epochs), "image_size": int(image_size),
+              "qat_version": QAT_CACHE_VERSION}
+    if not (isinstance(epochs, int) and epochs >= 0):
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if freeze_bn_epoch is not None and not (isinstance(freeze_bn_epoch, int) and freeze_bn_epoch >= 0):
+        raise ValueError(f"freeze_bn_epoch must be None or an int >= 0, got {freeze_bn_epoch!r}")
+    key = cache_key(params)
+    path = cache_dir() / f"qat-{name}-{key}.pt"
+    fp32, fp32_metrics = trained_model(name, epochs=fp32_epochs, image_size=image_size, seed=seed, progress=progress)
+    train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
+    example = next(iter(test_loader))[0]
+    quant_desc_weight = QuantDescriptor(num_bits=int(weight_bits), axis=0, learn_amax=bool(learn_amax))
+    quant_desc_input = QuantDescriptor(num_bits=8, learn_amax=bool(learn_amax))
+
+    frozen = freeze_bn_epoch is not None and freeze_bn_epoch <= epochs  # BN statistics frozen by the end
+
+    def fresh() -> nn.Module:
+        return prepare_qat(fp32, example, quant_desc_weight=quant_desc_weight, quant_desc_input=quant_desc_input)
+
+    def train(gm: nn.Module) -> dict[str, Any]:
+        seed_everything(seed)
+        calibrate(gm, train_loader, num_batches=calib_batches)
+        ptq_accuracy = evaluate(gm.eval(), test_loader)
+        start = time.perf_counter()
+        live = epochs if freeze_bn_epoch is None else min(freeze_bn_epoch, epochs)
+        history = fit(gm, train_loader, live, lr=lr, seed=seed, test_loader=test_loader, progress=progress) if live else []
+        if frozen:
+            freeze_bn_stats(gm)
+            if epochs > live:
+                more = fit(gm, train_loader, epochs - live, lr=lr, seed=seed + 1, test_loader=test_loader, progress=progress)
+                history += [dict(row, epoch=row["epoch"] + live) for row in more]
+        return {"ptq_accuracy": ptq_accuracy, "test_accuracy": evaluate(gm.eval(), test_loader),
+                "fp32_accuracy": fp32_metrics["test_accuracy"], "history": history,
+                "train_seconds": time.perf_counter() - start, "params": params, "key": key}
+
+    return cached_training(path, fresh, train, use_cache)  # freeze_bn is in the state dict

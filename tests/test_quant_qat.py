@@ -300,8 +300,8 @@ def test_bad_prepare_arguments(call, error, match):
 
 def test_trained_qat_model_without_epochs_is_the_calibrated_ptq_model(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
-    from fusionlib.quant.qat import trained_qat_model
     from fusionlib import zoo
+    from fusionlib.zoo import trained_qat_model
     monkeypatch.setattr(zoo, "trained_model", _cached_fp32)
     gm, metrics = trained_qat_model("resnet18", epochs=0, progress=False)
     assert metrics["ptq_accuracy"] == metrics["test_accuracy"] and not metrics["cached"]
