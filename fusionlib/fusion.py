@@ -45,7 +45,7 @@ Where we deliberately differ from torch (see also :mod:`fusionlib.folding`)
   adding only a method, torchvision's ``Conv3DSimple``) fuses like the parent;
   one that overrides ``forward`` never does (the error says so).
 
-:func:`auto_fuse` (in :mod:`fusionlib.auto_fuse`, re-exported here) finds the
+:func:`fusionlib.auto_fuse.auto_fuse` (a layer above this module) finds the
 groups by itself for models torch.fx cannot trace: one real forward pass records
 the dataflow, and the outputs are verified before and after.
 * The fused container's ``training`` flag is copied from the first module.
@@ -126,8 +126,6 @@ __all__ = [
     "fuse_known_modules",
     "fuse_modules",
     "fuse_modules_qat",
-    "auto_fuse",
-    "AutoFuseReport",
     *fused_modules.__all__,  # the containers, re-exported
 ]
 
@@ -606,12 +604,3 @@ def fuse_modules_qat(
     Linear+BN become ConvBnNd / ConvBnReLUNd / LinearBn1d containers whose
     BatchNorm keeps training; nothing is folded."""
     return _fuse_modules(model, modules_to_fuse, True, inplace, fuser_func, fuse_custom_config_dict)
-
-
-def __getattr__(name: str) -> Any:
-    """``auto_fuse`` / ``AutoFuseReport`` live in :mod:`fusionlib.auto_fuse` (imported on first use)."""
-    if name in ("auto_fuse", "AutoFuseReport"):
-        import importlib
-
-        return getattr(importlib.import_module("fusionlib.auto_fuse"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,9 +68,8 @@ arithmetic), :func:`inject_lora`, :func:`fuse_lora`, :func:`unfuse_lora`,
 :func:`merge_and_unload` (whole models), :func:`lora_layers`,
 :func:`dense_layer_names`, :func:`mark_only_lora_as_trainable`,
 :func:`lora_state_dict`, :func:`count_lora_parameters`, and for the notebook's
-shifted task :func:`shifted_digits_tensors`, :func:`fine_tune_lora` and
-:func:`fine_tuned_lora_model` (fine-tuned adapters, cached on disk like
-:func:`fusionlib.zoo.trained_model`).
+shifted task :func:`shifted_digits_tensors` and :func:`fine_tune_lora`
+(fine-tuned adapters, cached on disk: ``zoo.trained_model(name, "lora", ...)``).
 """
 from __future__ import annotations
 
@@ -108,7 +107,6 @@ __all__ = [
     "SHIFTS",
     "shifted_digits_tensors",
     "fine_tune_lora",
-    "fine_tuned_lora_model",
 ]
 
 _EXACT = torch.float64  # the dtype B @ A, the scaling and the sum are computed in
@@ -675,74 +673,3 @@ def fine_tune_lora(
         history.append({"epoch": epoch, "train_loss": total / seen, "seconds": time.perf_counter() - start})
     model.eval()
     return history
-
-
-def fine_tuned_lora_model(
-    name: str = "resnet18",
-    shift: str = "invert",
-    r: int = 4,
-    alpha: float = 8.0,
-    dropout: float = 0.0,
-    epochs: int = 3,
-    lr: float = 1e-2,
-    batch_size: int = 64,
-    base_epochs: int = 3,
-    image_size: int = 32,
-    seed: int = 0,
-    progress: bool = True,
-    use_cache: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A digits-trained model with LoRA adapters on every dense layer, fine-tuned on a shifted task, from a disk cache.
-
-    The base is :func:`fusionlib.zoo.trained_model` (``name``, ``base_epochs``,
-    ``image_size``, ``seed``); :func:`inject_lora` puts adapters on
-    :func:`dense_layer_names`; :func:`fine_tune_lora` trains them on
-    :func:`shifted_digits_tensors`. Only the adapters are cached
-    (``{cache_dir()}/lora-{name}-{key}.pt``, written atomically), keyed by
-    every parameter here except ``progress`` / ``use_cache``, the base model's
-    cache key and the torch / torchvision versions.
-
-    Returns ``(model.eval(), metrics)``: unfused, only the adapters trainable; ``metrics`` has
-    ``test_accuracy`` (shifted test split), ``base_test_accuracy`` (the base
-    model on the original task), ``train_seconds``, ``history``, ``params``,
-    ``key``, ``path``, ``cached``.
-    """
-    from fusionlib.train import evaluate, seed_everything
-    from fusionlib.zoo import cache_dir, cache_key, load_cached, save_cached, trained_model
-    from torch.utils.data import DataLoader, TensorDataset
-
-    _check_rank(r)
-    _check_alpha(alpha)
-    _check_dropout(dropout)
-    base, base_metrics = trained_model(name, epochs=base_epochs, image_size=image_size, seed=seed, progress=progress)
-    params = {"name": name, "shift": shift, "r": r, "alpha": float(alpha), "dropout": float(dropout),
-              "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "base_epochs": base_epochs,
-              "image_size": image_size, "seed": seed, "base_key": base_metrics["key"], "recipe": 1}
-    key = cache_key(params)
-    path = cache_dir() / f"lora-{name}-{key}.pt"
-    seed_everything(seed)  # the same initial A on every run
-    model = inject_lora(base, dense_layer_names(base), r, alpha, dropout, inplace=True).eval()
-    mark_only_lora_as_trainable(model)
-    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        missing, unexpected = model.load_state_dict(entry["adapters"], strict=False)
-        if unexpected or any(k.endswith(("lora_A", "lora_B")) for k in missing):
-            raise KeyError(f"adapters do not fit the model (unexpected {unexpected[:3]})")
-        return model, dict(entry["metrics"], base_test_accuracy=base_metrics["test_accuracy"],
-                           cached=True, path=str(path))
-
-    cached = load_cached(path, restore) if use_cache else None
-    if cached is not None:
-        return cached
-    x_train, y_train, x_test, y_test = shifted_digits_tensors(shift, image_size, seed)
-    if progress:
-        print(f"Fine-tuning LoRA adapters (r={r}) of {name} on the '{shift}' digits for {epochs} epoch(s): not in "
-              f"the cache {cache_dir()} yet; about as long as training the base model.")
-    start = time.perf_counter()
-    history = fine_tune_lora(model, x_train, y_train, epochs, lr, batch_size, seed)
-    accuracy = evaluate(model, DataLoader(TensorDataset(x_test, y_test), batch_size=256))
-    metrics = {"test_accuracy": accuracy, "train_seconds": time.perf_counter() - start, "history": history,
-               "params": params, "key": key}
-    if use_cache:
-        save_cached({"adapters": lora_state_dict(model), "metrics": metrics}, path)
-    return model, dict(metrics, base_test_accuracy=base_metrics["test_accuracy"], cached=False, path=str(path))
-

@@ -12,14 +12,11 @@
   :func:`fusionlib.reparam.reparameterize_model` each block is one conv, and
   the model has the plain model's layers and MACs.
 
-The other two jobs around these models live next door and are re-exported
-here, so ``models.fusion_groups(...)`` and ``models.trained_model(...)`` work:
-
-* :mod:`fusionlib.recipes` -- :func:`fusion_groups` (which modules fuse in a
-  ResNet / MobileNetV2) and :func:`fuse_model` (fold them);
-* :mod:`fusionlib.zoo` -- :func:`trained_model` (train on the digits once,
-  then serve from a disk cache), :func:`cache_dir`, :func:`cache_key`,
-  ``CACHE_VERSION``, ``DEFAULT_LR``.
+The other two jobs around these models live in higher layers (imports run
+one way): :mod:`fusionlib.recipes` -- :func:`fusion_groups` (which modules
+fuse in a ResNet / MobileNetV2) and :func:`fuse_model`; :mod:`fusionlib.zoo`
+-- :func:`trained_model` (train on the digits once, then serve from a disk
+cache).
 
 What ``small_input`` changes: only MobileNetV2. Unmodified, MobileNetV2
 downsamples 32x, so a 32x32 digit ends in a 1x1 feature map; with
@@ -49,15 +46,6 @@ __all__ = [
     "mobilenet_v2",
     "rep_resnet18",
     "rep_mobilenet_v2",
-    # re-exported from fusionlib.recipes
-    "fusion_groups",
-    "fuse_model",
-    # re-exported from fusionlib.zoo
-    "CACHE_VERSION",
-    "DEFAULT_LR",
-    "cache_dir",
-    "cache_key",
-    "trained_model",
 ]
 
 
@@ -181,8 +169,3 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     if name not in ALL_BUILDERS:
         raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(ALL_BUILDERS)}.")
     return ALL_BUILDERS[name](**kwargs)
-
-
-# Re-exports (after the builders: fusionlib.zoo imports them from here when it trains).
-from fusionlib.recipes import fuse_model, fusion_groups  # noqa: E402
-from fusionlib.zoo import CACHE_VERSION, DEFAULT_LR, cache_dir, cache_key, trained_model  # noqa: E402

@@ -23,14 +23,13 @@ combines it with the cross-entropies and returns the parts;
 forward of ``torch.cat([x, x])`` (the same expected loss; single draws differ,
 because the random stream is consumed differently and BatchNorm's running
 statistics update once instead of twice); :class:`RDropStep` plugs it into
-:func:`fusionlib.train.fit`; :func:`trained_run` trains a course model on the
-digits with or without R-Drop and caches the result (notebook 12).
+:func:`fusionlib.train.fit`. Training a course model with it, cached, is
+``zoo.trained_model(name, "rdrop", alpha=...)`` (notebook 12).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -47,7 +46,6 @@ __all__ = [
     "rdrop_loss",
     "rdrop_forward",
     "symmetric_kl_per_sample",
-    "trained_run",
 ]
 
 #: How :func:`compute_kl_loss` reduces the element-wise KL: ``"sum"`` (the paper's code), ``"batchmean"``, ``"mean"``.
@@ -294,79 +292,3 @@ def symmetric_kl_per_sample(logits1: torch.Tensor, logits2: torch.Tensor) -> tor
     with _kl_precision(logits1, logits2) as (logits1, logits2):
         lp, lq = F.log_softmax(logits1, dim=-1), F.log_softmax(logits2, dim=-1)
         return 0.5 * ((lp.exp() * (lp - lq)).sum(-1) + (lq.exp() * (lq - lp)).sum(-1))
-
-
-def trained_run(
-    name: str = "resnet18",
-    alpha: float = 0.0,
-    epochs: int = 3,
-    batch_size: int = 64,
-    seed: int = 0,
-    image_size: int = 32,
-    dropout: float = 0.2,
-    lr: float | None = None,
-    concat: bool = True,
-    reduction: str = "batchmean",
-    progress: bool = True,
-    use_cache: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``models.build(name, dropout=dropout)`` on the digits, with R-Drop (``alpha > 0``) or without; cached.
-
-    The recipe is :func:`fusionlib.zoo.trained_model`'s (:func:`fusionlib.train.fit`:
-    SGD + Nesterov, one-cycle, ``lr=None`` -> ``zoo.DEFAULT_LR[name]``); with
-    ``alpha > 0`` every step is an :class:`RDropStep` (two passes, ``concat``,
-    ``reduction``). ``alpha == 0`` is plain training (one pass, cross-entropy).
-    The state dict and metrics are stored under
-    ``{zoo.cache_dir()}/rdrop-{name}-{key}.pt``, keyed (:func:`zoo.cache_key`)
-    by every parameter except ``progress`` / ``use_cache``, and written
-    atomically; a later call with the same parameters loads them.
-
-    Returns ``(model.eval(), metrics)``: ``test_accuracy`` (last epoch),
-    ``history`` (fit's rows, plus ``ce`` and ``kl`` per epoch for R-Drop),
-    ``train_seconds``, ``seconds_per_epoch`` (of the run that trained it),
-    ``params``, ``key``, ``path``, ``cached``.
-    """
-    from fusionlib import zoo
-    from fusionlib.data import digits_loaders
-    from fusionlib.models import BUILDERS, build
-    from fusionlib.train import fit, seed_everything
-
-    if name not in BUILDERS:
-        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(BUILDERS)}.")
-    _check_alpha(alpha)
-    _check_reduction(reduction)
-    params = {
-        "kind": "rdrop_run",
-        "name": name,
-        "alpha": float(alpha),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "seed": seed,
-        "image_size": image_size,
-        "dropout": float(dropout),
-        "lr": zoo.DEFAULT_LR[name] if lr is None else float(lr),
-        "concat": bool(concat) if alpha > 0 else None,
-        "reduction": reduction if alpha > 0 else None,
-    }
-    key = zoo.cache_key(params)
-    path = zoo.cache_dir() / f"rdrop-{name}-{key}.pt"
-
-    def fresh_model() -> nn.Module:
-        seed_everything(seed)
-        return build(name, num_classes=10, small_input=True, dropout=float(dropout))
-
-    def train(model: nn.Module) -> dict[str, Any]:
-        train_loader, test_loader = digits_loaders(batch_size=batch_size, image_size=image_size, seed=seed)
-        step = RDropStep(alpha, concat=concat, reduction=reduction) if alpha > 0 else None
-        start = time.perf_counter()
-        history = fit(model, train_loader, epochs, lr=params["lr"], seed=seed, test_loader=test_loader,
-                      progress=progress, step=step)
-        seconds = time.perf_counter() - start
-        if step is not None:
-            for row, terms in zip(history, step.epoch_means(len(train_loader))):
-                row.update(terms)
-        return {"test_accuracy": history[-1]["test_acc"], "train_seconds": seconds,
-                "seconds_per_epoch": sum(r["seconds"] for r in history) / len(history),
-                "history": history, "params": params, "key": key}
-
-    return zoo.cached_training(path, fresh_model, train, use_cache)

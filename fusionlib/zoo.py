@@ -1,14 +1,21 @@
-"""Trained models for the notebooks, trained once and then served from a disk cache.
+"""Every trained model of the course, trained once and then served from a disk cache.
 
-:func:`trained_model` trains a :mod:`fusionlib.models` builder on the digits
-with :func:`fusionlib.train.fit` the first time it is asked for a set of
-parameters, and stores the state dict and the metrics under
-``{cache_dir()}/{name}-{cache_key(params)}.pt``; every later call with the same
-parameters (in any notebook or process) loads that file instead. The key
-hashes every training parameter, the torch and torchvision versions and
-``CACHE_VERSION``, so a changed recipe never serves stale weights.
+One call, :func:`trained_model`, with the technique as a parameter::
 
-All names here are re-exported by :mod:`fusionlib.models`.
+    zoo.trained_model("resnet18", epochs=3)                         # plain training on the digits
+    zoo.trained_model("resnet18", "rdrop", alpha=1.0)               # R-Drop (alpha = 0: the same run, one pass)
+    zoo.trained_model("resnet18", "qat", weight_bits=4)             # QAT fine-tuning of the plain checkpoint
+    zoo.trained_model("resnet18", "lora", shift="invert", r=4)      # LoRA adapters on a shifted task
+
+Each technique is a *recipe* (:data:`RECIPES`): a function of the run's
+parameters returning a :class:`Run` — the cache path, a fresh untrained
+model, and how to train it. :func:`cached_training` then loads
+``{cache_dir()}/{prefix}{name}-{cache_key(params)}.pt`` or trains and writes
+it atomically. The key hashes every training parameter, the torch and
+torchvision versions and ``CACHE_VERSION``, so a changed recipe never serves
+stale weights. The technique modules (:mod:`fusionlib.rdrop`,
+:mod:`fusionlib.lora`, :mod:`fusionlib.quant`) hold the arithmetic and the
+training steps; the data loading, training schedules and caching live here.
 """
 from __future__ import annotations
 
@@ -18,18 +25,24 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 import torchvision
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.resnet import ResNet
 
+from fusionlib import lora, rdrop
+from fusionlib.data import digits_loaders
+from fusionlib.models import ALL_BUILDERS, BUILDERS, build
 from fusionlib.modules import set_submodule
+from fusionlib.train import evaluate, fit, seed_everything
 
-__all__ = ["CACHE_VERSION", "DEFAULT_LR", "cache_dir", "cache_key", "load_cached", "save_cached", "cached_training",
-           "trained_model", "trained_qat_model"]
+__all__ = ["CACHE_VERSION", "DEFAULT_LR", "RECIPES", "Run", "cache_dir", "cache_key", "load_cached", "save_cached",
+           "cached_training", "trained_model"]
 
 T = TypeVar("T")
 
@@ -40,6 +53,9 @@ CACHE_VERSION = 1
 #: Peak learning rates of the one-cycle schedule, per model: chosen so that
 #: the default 3 epochs train each model well on the digits.
 DEFAULT_LR = {"resnet18": 0.03, "mobilenet_v2": 0.05, "rep_resnet18": 0.03, "rep_mobilenet_v2": 0.05}
+
+#: Part of every QAT cache key: bump it when QAT's arithmetic changes.
+QAT_CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -72,7 +88,78 @@ def training_seconds_estimate(name: str, epochs: int, image_size: int) -> float:
     return epochs * SECONDS_PER_EPOCH_32.get(name, 6.0) * (image_size / 32) ** 2
 
 
+@dataclass
+class Run:
+    """One cacheable training run: where it is cached, how to build the untrained model, how to train it.
+
+    ``train(model)`` trains in place and returns the metrics. ``state(model)``
+    is what is saved (the whole state dict; LoRA: the adapters only) and
+    ``load(model, entry)`` puts a cached entry back. ``extra_metrics`` are
+    added to the metrics on every return (not cached: e.g. the base model's
+    accuracy, which its own cache entry holds).
+    """
+
+    path: Path
+    fresh_model: Callable[[], nn.Module]
+    train: Callable[[nn.Module], dict[str, Any]]
+    state: Callable[[nn.Module], dict[str, Any]] = field(default=lambda model: {"state_dict": _detached_state(model)})
+    load: Callable[[nn.Module, dict[str, Any]], None] = field(
+        default=lambda model, entry: model.load_state_dict(entry["state_dict"]))
+    extra_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _detached_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def trained_model(
+    name: str = "resnet18",
+    technique: str = "plain",
+    *,
+    progress: bool = True,
+    use_cache: bool = True,
+    **recipe: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model.eval(), metrics)``: ``name`` trained with ``technique`` on the digits, from the disk cache when there.
+
+    ``technique`` is a key of :data:`RECIPES` (``"plain"``, ``"rdrop"``,
+    ``"qat"``, ``"lora"``); ``recipe`` holds that recipe's parameters (see
+    :func:`plain_run`, :func:`rdrop_run`, :func:`qat_run`, :func:`lora_run`).
+    ``progress`` prints what trains and shows bars; ``use_cache=False``
+    neither reads nor writes the cache. Every ``metrics`` has
+    ``test_accuracy``, ``train_seconds``, ``history``, ``params``, ``key``,
+    ``path`` and ``cached`` (True when loaded from disk).
+    """
+    if technique not in RECIPES:
+        raise ValueError(f"unknown technique {technique!r}; choose one of {sorted(RECIPES)}")
+    run = RECIPES[technique](name, progress=progress, **recipe)
+    return cached_training(run, use_cache)
+
+
+def cached_training(run: Run, use_cache: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model.eval(), metrics)``: ``run.fresh_model()`` with the entry cached at ``run.path``, else trained and cached.
+
+    A stale or corrupt entry warns and is trained again (:func:`load_cached`).
+    ``metrics`` gets ``cached``, ``path`` and ``run.extra_metrics``.
+    """
+    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        model = run.fresh_model()
+        run.load(model, entry)
+        return model.eval(), dict(entry["metrics"], **run.extra_metrics, cached=True, path=str(run.path))
+
+    cached = load_cached(run.path, restore) if use_cache else None
+    if cached is not None:
+        return cached
+    model = run.fresh_model()
+    metrics = run.train(model)
+    model.eval()
+    if use_cache:
+        save_cached({**run.state(model), "metrics": metrics}, run.path)
+    return model, dict(metrics, **run.extra_metrics, cached=False, path=str(run.path))
+
+
+# ---------------------------------------------------------------------- the recipes
+def plain_run(
     name: str = "resnet18",
     epochs: int = 3,
     image_size: int = 32,
@@ -84,58 +171,22 @@ def trained_model(
     channels: int = 3,
     small_input: bool = True,
     test_fraction: float = 0.2,
-    progress: bool = True,
-    use_cache: bool = True,
     dropout: float | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A model trained on the digits, from the disk cache when available.
+    progress: bool = True,
+) -> Run:
+    """Plain training: ``build(name, num_classes=10, small_input=small_input)`` on the digits, cached as ``{name}-{key}.pt``.
 
-    Trains ``build(name, num_classes=10, small_input=small_input)`` with
-    :func:`fusionlib.train.fit` (SGD + Nesterov momentum, one-cycle schedule)
-    on :func:`fusionlib.data.digits_loaders`. ``lr=None`` picks
-    ``DEFAULT_LR[name]``. The state dict and metrics are cached in
-    :func:`cache_dir` under ``{name}-{cache_key}.pt``, keyed by every parameter
-    here except ``progress`` / ``use_cache``, plus the torch version; the file is
-    written atomically (temporary file + rename). ``use_cache=False`` neither
-    reads nor writes the cache.
-
-    Returns ``(model.eval(), metrics)``; ``metrics`` has ``test_accuracy``
-    (last epoch, in [0, 1]), ``train_seconds`` (of the run that trained it),
-    ``epochs``, ``history`` (:func:`fit`'s rows), ``params``, ``key``,
-    ``path`` and ``cached`` (True when loaded from disk).
-
-    ``dropout`` (``resnet18`` / ``mobilenet_v2`` only) is passed to the builder
-    (classifier dropout, see :func:`fusionlib.models.resnet18`); ``None`` builds
-    the default model and leaves it out of the cache key, so the keys of calls
-    without it are unchanged.
+    :func:`fusionlib.train.fit` (SGD + Nesterov momentum, one-cycle schedule
+    peaking at ``lr``; ``None`` picks ``DEFAULT_LR[name]``) on
+    :func:`fusionlib.data.digits_loaders`. Keyed by every parameter here
+    except ``progress``. ``dropout`` (``resnet18`` / ``mobilenet_v2`` only) is
+    the builder's classifier dropout; ``None`` builds the default model and
+    leaves it out of the key, so the keys of calls without it are unchanged.
     """
-    from fusionlib.data import digits_loaders
-    from fusionlib.models import ALL_BUILDERS, BUILDERS, build  # here, not at the top: fusionlib.models re-exports this module
-    from fusionlib.train import fit, seed_everything
-
-    if name not in ALL_BUILDERS:
-        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(ALL_BUILDERS)}.")
-    params = {
-        "name": name,
-        "epochs": epochs,
-        "image_size": image_size,
-        "seed": seed,
-        "batch_size": batch_size,
-        "lr": DEFAULT_LR[name] if lr is None else float(lr),
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-        "channels": channels,
-        "small_input": small_input,
-        "test_fraction": test_fraction,
-    }
-    build_kwargs: dict[str, Any] = {}
-    if dropout is not None:
-        if name not in BUILDERS:
-            raise ValueError(f"dropout is an option of resnet18 and mobilenet_v2, not of {name!r}")
-        params["dropout"] = float(dropout)
-        build_kwargs["dropout"] = float(dropout)
+    params = _plain_params(name, epochs, image_size, seed, batch_size, lr, momentum, weight_decay, channels,
+                           small_input, test_fraction, dropout)
     key = cache_key(params)
-    path = cache_dir() / f"{name}-{key}.pt"
+    build_kwargs = {"dropout": params["dropout"]} if "dropout" in params else {}
 
     def fresh_model() -> nn.Module:
         seed_everything(seed)  # same initial weights on every run
@@ -146,9 +197,7 @@ def trained_model(
 
     def train(model: nn.Module) -> dict[str, Any]:
         if progress:
-            print(f"Training {name} on the digits ({epochs} epoch(s), {image_size}x{image_size}, seed {seed}): "
-                  f"not in the cache {cache_dir()} yet. About {training_seconds_estimate(name, epochs, image_size):.0f} s "
-                  f"on one CPU thread; later calls with these parameters load it in a moment.")
+            _announce_training(name, epochs, image_size, seed)
         train_loader, test_loader = digits_loaders(
             batch_size=batch_size, image_size=image_size, channels=channels, test_fraction=test_fraction, seed=seed
         )
@@ -158,42 +207,220 @@ def trained_model(
         return {"test_accuracy": history[-1]["test_acc"], "train_seconds": time.perf_counter() - start,
                 "epochs": epochs, "history": history, "params": params, "key": key}
 
-    return cached_training(path, fresh_model, train, use_cache)
+    return Run(cache_dir() / f"{name}-{key}.pt", fresh_model, train)
 
 
-def cached_training(
-    path: Path,
-    fresh_model: Callable[[], nn.Module],
-    train: Callable[[nn.Module], dict[str, Any]],
-    use_cache: bool = True,
-    restored: Callable[[nn.Module], object] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model.eval(), metrics)``: ``fresh_model()`` with the state dict cached at ``path``, else trained and cached.
+def _plain_params(name: str, epochs: int, image_size: int, seed: int, batch_size: int, lr: float | None,
+                  momentum: float, weight_decay: float, channels: int, small_input: bool, test_fraction: float,
+                  dropout: float | None) -> dict[str, Any]:
+    """The plain run's cache-key parameters (``dropout`` only when given, ``lr`` resolved), checked."""
+    if name not in ALL_BUILDERS:
+        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(ALL_BUILDERS)}.")
+    params = {"name": name, "epochs": epochs, "image_size": image_size, "seed": seed, "batch_size": batch_size,
+              "lr": DEFAULT_LR[name] if lr is None else float(lr), "momentum": momentum,
+              "weight_decay": weight_decay, "channels": channels, "small_input": small_input,
+              "test_fraction": test_fraction}
+    if dropout is not None:
+        if name not in BUILDERS:
+            raise ValueError(f"dropout is an option of resnet18 and mobilenet_v2, not of {name!r}")
+        params["dropout"] = float(dropout)
+    return params
 
-    ``train(model)`` trains in place and returns the metrics; the state dict
-    and metrics are then saved with :func:`save_cached` (unless ``use_cache``
-    is False, which neither reads nor writes). ``restored(model)`` runs after
-    a cached state dict is loaded (state that is not in it, e.g. a flag).
-    ``metrics`` gets ``cached`` and ``path``. A stale or corrupt entry warns
-    and is trained again (:func:`load_cached`).
+
+def _announce_training(name: str, epochs: int, image_size: int, seed: int) -> None:
+    print(f"Training {name} on the digits ({epochs} epoch(s), {image_size}x{image_size}, seed {seed}): "
+          f"not in the cache {cache_dir()} yet. About {training_seconds_estimate(name, epochs, image_size):.0f} s "
+          f"on one CPU thread; later calls with these parameters load it in a moment.")
+
+
+def rdrop_run(
+    name: str = "resnet18",
+    alpha: float = 0.0,
+    epochs: int = 3,
+    batch_size: int = 64,
+    seed: int = 0,
+    image_size: int = 32,
+    dropout: float = 0.2,
+    lr: float | None = None,
+    concat: bool = True,
+    reduction: str = "batchmean",
+    progress: bool = True,
+) -> Run:
+    """``build(name, dropout=dropout)`` trained with R-Drop (``alpha > 0``) or without; cached as ``rdrop-{name}-{key}.pt``.
+
+    The plain recipe's schedule (``lr=None`` -> ``DEFAULT_LR[name]``); with
+    ``alpha > 0`` every step is an :class:`fusionlib.rdrop.RDropStep` (two
+    passes, ``concat``, ``reduction``); ``alpha == 0`` is one pass of
+    cross-entropy. Metrics add ``seconds_per_epoch`` and, for R-Drop, ``ce``
+    and ``kl`` per epoch in ``history``.
     """
-    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        model = fresh_model()
-        model.load_state_dict(entry["state_dict"])
-        if restored is not None:
-            restored(model)
-        return model.eval(), dict(entry["metrics"], cached=True, path=str(path))
+    if name not in BUILDERS:
+        raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(BUILDERS)}.")
+    rdrop.RDropStep(alpha, concat=concat, reduction=reduction)  # checks alpha and reduction before anything runs
+    params = {"kind": "rdrop_run", "name": name, "alpha": float(alpha), "epochs": epochs, "batch_size": batch_size,
+              "seed": seed, "image_size": image_size, "dropout": float(dropout),
+              "lr": DEFAULT_LR[name] if lr is None else float(lr),
+              "concat": bool(concat) if alpha > 0 else None, "reduction": reduction if alpha > 0 else None}
+    key = cache_key(params)
 
-    cached = load_cached(path, restore) if use_cache else None
-    if cached is not None:
-        return cached
-    model = fresh_model()
-    metrics = train(model)
-    model.eval()
-    if use_cache:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        save_cached({"state_dict": state, "metrics": metrics}, path)
-    return model, dict(metrics, cached=False, path=str(path))
+    def fresh_model() -> nn.Module:
+        seed_everything(seed)
+        return build(name, num_classes=10, small_input=True, dropout=float(dropout))
+
+    def train(model: nn.Module) -> dict[str, Any]:
+        train_loader, test_loader = digits_loaders(batch_size=batch_size, image_size=image_size, seed=seed)
+        step = rdrop.RDropStep(alpha, concat=concat, reduction=reduction) if alpha > 0 else None
+        start = time.perf_counter()
+        history = fit(model, train_loader, epochs, lr=params["lr"], seed=seed, test_loader=test_loader,
+                      progress=progress, step=step)
+        seconds = time.perf_counter() - start
+        if step is not None:
+            for row, terms in zip(history, step.epoch_means(len(train_loader))):
+                row.update(terms)
+        return {"test_accuracy": history[-1]["test_acc"], "train_seconds": seconds,
+                "seconds_per_epoch": sum(r["seconds"] for r in history) / len(history),
+                "history": history, "params": params, "key": key}
+
+    return Run(cache_dir() / f"rdrop-{name}-{key}.pt", fresh_model, train)
+
+
+def qat_run(
+    name: str = "resnet18",
+    weight_bits: int = 8,
+    epochs: int = 1,
+    lr: float = 0.005,
+    freeze_bn_epoch: int | None = None,
+    calib_batches: int = 4,
+    learn_amax: bool = False,
+    seed: int = 0,
+    fp32_epochs: int = 3,
+    image_size: int = 32,
+    progress: bool = True,
+) -> Run:
+    """The plain checkpoint (``fp32_epochs``) fine-tuned with QAT; cached as ``qat-{name}-{key}.pt``.
+
+    Steps: :func:`fusionlib.quant.qat.prepare_qat` (per-channel
+    ``weight_bits`` weights, 8-bit activations), ``calibrate`` (max,
+    ``calib_batches`` training batches: the PTQ starting point), then
+    :func:`fusionlib.train.fit` for ``epochs`` with peak rate ``lr``, BatchNorm
+    training with batch statistics and the running-statistics correction.
+    ``freeze_bn_epoch=k`` freezes the statistics after ``k`` epochs (``0``:
+    from the start; ``None``: never in this run); the two parts are two
+    :func:`fit` calls, each with its own one-cycle schedule. ``learn_amax``:
+    the activation and weight amax are trained too (LSQ gradient). Metrics add
+    ``ptq_accuracy`` (after calibration, before training) and ``fp32_accuracy``.
+    """
+    from fusionlib.quant import QuantDescriptor  # here: the plain runs do not load the quantization toolkit
+    from fusionlib.quant.ptq import calibrate
+    from fusionlib.quant.qat import prepare_qat
+
+    if not (isinstance(epochs, int) and epochs >= 0):
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    if freeze_bn_epoch is not None and not (isinstance(freeze_bn_epoch, int) and freeze_bn_epoch >= 0):
+        raise ValueError(f"freeze_bn_epoch must be None or an int >= 0, got {freeze_bn_epoch!r}")
+    params = {"name": name, "weight_bits": int(weight_bits), "epochs": int(epochs), "lr": float(lr),
+              "freeze_bn_epoch": freeze_bn_epoch, "calib_batches": int(calib_batches), "learn_amax": bool(learn_amax),
+              "seed": int(seed), "fp32_epochs": int(fp32_epochs), "image_size": int(image_size),
+              "qat_version": QAT_CACHE_VERSION}
+    key = cache_key(params)
+    fp32, fp32_metrics = trained_model(name, epochs=fp32_epochs, image_size=image_size, seed=seed, progress=progress)
+    train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
+    example = next(iter(test_loader))[0]
+    quant_desc_weight = QuantDescriptor(num_bits=int(weight_bits), axis=0, learn_amax=bool(learn_amax))
+    quant_desc_input = QuantDescriptor(num_bits=8, learn_amax=bool(learn_amax))
+
+    def fresh_model() -> nn.Module:
+        return prepare_qat(fp32, example, quant_desc_weight=quant_desc_weight, quant_desc_input=quant_desc_input)
+
+    def train(gm: nn.Module) -> dict[str, Any]:
+        seed_everything(seed)
+        calibrate(gm, train_loader, num_batches=calib_batches)
+        ptq_accuracy = evaluate(gm.eval(), test_loader)
+        start = time.perf_counter()
+        history = _fit_then_freeze_bn(gm, train_loader, test_loader, epochs, freeze_bn_epoch, lr, seed, progress)
+        return {"ptq_accuracy": ptq_accuracy, "test_accuracy": evaluate(gm.eval(), test_loader),
+                "fp32_accuracy": fp32_metrics["test_accuracy"], "history": history,
+                "train_seconds": time.perf_counter() - start, "params": params, "key": key}
+
+    return Run(cache_dir() / f"qat-{name}-{key}.pt", fresh_model, train)  # freeze_bn is in the state dict
+
+
+def _fit_then_freeze_bn(gm: nn.Module, train_loader: DataLoader, test_loader: DataLoader, epochs: int,
+                        freeze_bn_epoch: int | None, lr: float, seed: int, progress: bool) -> list[dict[str, Any]]:
+    """``fit`` for ``min(freeze_bn_epoch, epochs)`` epochs, then BN statistics frozen and ``fit`` for the rest."""
+    from fusionlib.quant.qat import freeze_bn_stats
+
+    live = epochs if freeze_bn_epoch is None else min(freeze_bn_epoch, epochs)
+    history = fit(gm, train_loader, live, lr=lr, seed=seed, test_loader=test_loader, progress=progress) if live else []
+    if freeze_bn_epoch is not None and freeze_bn_epoch <= epochs:
+        freeze_bn_stats(gm)
+        if epochs > live:
+            more = fit(gm, train_loader, epochs - live, lr=lr, seed=seed + 1, test_loader=test_loader, progress=progress)
+            history += [dict(row, epoch=row["epoch"] + live) for row in more]
+    return history
+
+
+def lora_run(
+    name: str = "resnet18",
+    shift: str = "invert",
+    r: int = 4,
+    alpha: float = 8.0,
+    dropout: float = 0.0,
+    epochs: int = 3,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    base_epochs: int = 3,
+    image_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> Run:
+    """The plain checkpoint with LoRA adapters on every dense layer, fine-tuned on a shifted task; ``lora-{name}-{key}.pt``.
+
+    The base is the plain run (``name``, ``base_epochs``, ``image_size``,
+    ``seed``); :func:`fusionlib.lora.inject_lora` puts adapters on
+    :func:`~fusionlib.lora.dense_layer_names`;
+    :func:`~fusionlib.lora.fine_tune_lora` trains them on
+    :func:`~fusionlib.lora.shifted_digits_tensors`. Only the adapters are
+    cached, keyed also by the base model's key. The model comes back unfused,
+    only the adapters trainable; metrics add ``base_test_accuracy`` (the base
+    on the original task).
+    """
+    lora.LoRALinear(nn.Linear(1, 1), r, alpha, dropout)  # checks r, alpha and dropout before anything trains
+    base, base_metrics = trained_model(name, epochs=base_epochs, image_size=image_size, seed=seed, progress=progress)
+    params = {"name": name, "shift": shift, "r": r, "alpha": float(alpha), "dropout": float(dropout),
+              "epochs": epochs, "lr": float(lr), "batch_size": batch_size, "base_epochs": base_epochs,
+              "image_size": image_size, "seed": seed, "base_key": base_metrics["key"], "recipe": 1}
+    key = cache_key(params)
+
+    def fresh_model() -> nn.Module:
+        seed_everything(seed)  # the same initial A on every run
+        model = lora.inject_lora(base, lora.dense_layer_names(base), r, alpha, dropout, inplace=False).eval()
+        return lora.mark_only_lora_as_trainable(model)
+
+    def train(model: nn.Module) -> dict[str, Any]:
+        x_train, y_train, x_test, y_test = lora.shifted_digits_tensors(shift, image_size, seed)
+        if progress:
+            print(f"Fine-tuning LoRA adapters (r={r}) of {name} on the '{shift}' digits for {epochs} epoch(s): not in "
+                  f"the cache {cache_dir()} yet; about as long as training the base model.")
+        start = time.perf_counter()
+        history = lora.fine_tune_lora(model, x_train, y_train, epochs, lr, batch_size, seed)
+        accuracy = evaluate(model, DataLoader(TensorDataset(x_test, y_test), batch_size=256))
+        return {"test_accuracy": accuracy, "train_seconds": time.perf_counter() - start, "history": history,
+                "params": params, "key": key}
+
+    return Run(cache_dir() / f"lora-{name}-{key}.pt", fresh_model, train,
+               state=lambda model: {"adapters": lora.lora_state_dict(model)}, load=_load_adapters,
+               extra_metrics={"base_test_accuracy": base_metrics["test_accuracy"]})
+
+
+def _load_adapters(model: nn.Module, entry: dict[str, Any]) -> None:
+    missing, unexpected = model.load_state_dict(entry["adapters"], strict=False)
+    if unexpected or any(k.endswith(("lora_A", "lora_B")) for k in missing):
+        raise KeyError(f"adapters do not fit the model (unexpected {unexpected[:3]})")
+
+
+#: The techniques :func:`trained_model` knows, each a function of its parameters returning a :class:`Run`.
+RECIPES: dict[str, Callable[..., Run]] = {"plain": plain_run, "rdrop": rdrop_run, "qat": qat_run, "lora": lora_run}
 
 
 def _set_input_channels(model: nn.Module, channels: int) -> None:
@@ -236,85 +463,3 @@ def save_cached(obj: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-# ---------------------------------------------------------------------- QAT fine-tuning of the digits models, cached
-#: Part of every trained_qat_model cache key: bump it when QAT's arithmetic changes.
-QAT_CACHE_VERSION = 2
-
-def trained_qat_model(
-    name: str = "resnet18",
-    weight_bits: int = 8,
-    epochs: int = 1,
-    lr: float = 0.005,
-    freeze_bn_epoch: int | None = None,
-    calib_batches: int = 4,
-    learn_amax: bool = False,
-    seed: int = 0,
-    fp32_epochs: int = 3,
-    image_size: int = 32,
-    progress: bool = True,
-    use_cache: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """A digits model fine-tuned with QAT from its fp32 checkpoint (:func:`fusionlib.trained_model`), cached.
-
-    Steps: ``prepare_qat`` (per-channel ``weight_bits`` weights, 8-bit
-    activations), ``calibrate`` (max, ``calib_batches`` training batches: the
-    PTQ starting point), then :func:`fusionlib.train.fit` for ``epochs`` with
-    peak rate ``lr``, BatchNorm training with batch statistics and the
-    running-statistics correction. ``freeze_bn_epoch=k`` freezes the
-    statistics after ``k`` epochs (``0``: from the start; ``None``: never in
-    this run); the two parts are two :func:`fit` calls, each with its own
-    one-cycle schedule. ``learn_amax``:
-    the activation and weight amax are trained too (LSQ gradient). The state
-    dict and metrics are cached in :func:`cache_dir` under
-    ``qat-{name}-{key}.pt``, keyed by every parameter here except ``progress``
-    / ``use_cache``, plus the torch version; written atomically.
-    Returns ``(qat_model.eval(), metrics)``: ``ptq_accuracy`` (after
-    calibration, before training), ``test_accuracy``, ``fp32_accuracy``,
-    ``history``, ``train_seconds``, ``params``, ``cached``.
-    """
-    from fusionlib.data import digits_loaders
-    from fusionlib.quant import QuantDescriptor
-    from fusionlib.quant.ptq import calibrate
-    from fusionlib.quant.qat import freeze_bn_stats, prepare_qat
-    from fusionlib.train import evaluate, fit, seed_everything
-
-    params = {"name": name, "weight_bits": int(weight_bits), "epochs": int(epochs), "lr": float(lr),
-              "freeze_bn_epoch": freeze_bn_epoch, "calib_batches": int(calib_batches), "learn_amax": bool(learn_amax),
-              "seed": int(seed), "fp32_epochs": int(fp32_epochs), "image_size": int(image_size),
-              "qat_version": QAT_CACHE_VERSION}
-    if not (isinstance(epochs, int) and epochs >= 0):
-        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-    if freeze_bn_epoch is not None and not (isinstance(freeze_bn_epoch, int) and freeze_bn_epoch >= 0):
-        raise ValueError(f"freeze_bn_epoch must be None or an int >= 0, got {freeze_bn_epoch!r}")
-    key = cache_key(params)
-    path = cache_dir() / f"qat-{name}-{key}.pt"
-    fp32, fp32_metrics = trained_model(name, epochs=fp32_epochs, image_size=image_size, seed=seed, progress=progress)
-    train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
-    example = next(iter(test_loader))[0]
-    quant_desc_weight = QuantDescriptor(num_bits=int(weight_bits), axis=0, learn_amax=bool(learn_amax))
-    quant_desc_input = QuantDescriptor(num_bits=8, learn_amax=bool(learn_amax))
-
-    frozen = freeze_bn_epoch is not None and freeze_bn_epoch <= epochs  # BN statistics frozen by the end
-
-    def fresh() -> nn.Module:
-        return prepare_qat(fp32, example, quant_desc_weight=quant_desc_weight, quant_desc_input=quant_desc_input)
-
-    def train(gm: nn.Module) -> dict[str, Any]:
-        seed_everything(seed)
-        calibrate(gm, train_loader, num_batches=calib_batches)
-        ptq_accuracy = evaluate(gm.eval(), test_loader)
-        start = time.perf_counter()
-        live = epochs if freeze_bn_epoch is None else min(freeze_bn_epoch, epochs)
-        history = fit(gm, train_loader, live, lr=lr, seed=seed, test_loader=test_loader, progress=progress) if live else []
-        if frozen:
-            freeze_bn_stats(gm)
-            if epochs > live:
-                more = fit(gm, train_loader, epochs - live, lr=lr, seed=seed + 1, test_loader=test_loader, progress=progress)
-                history += [dict(row, epoch=row["epoch"] + live) for row in more]
-        return {"ptq_accuracy": ptq_accuracy, "test_accuracy": evaluate(gm.eval(), test_loader),
-                "fp32_accuracy": fp32_metrics["test_accuracy"], "history": history,
-                "train_seconds": time.perf_counter() - start, "params": params, "key": key}
-
-    return cached_training(path, fresh, train, use_cache)  # freeze_bn is in the state dict

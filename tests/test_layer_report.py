@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlib import data, fx, models
+from fusionlib import data, fx, models, zoo
 from fusionlib import precision as P
 from fusionlib.verify import LayerReport, layer_report
 
@@ -51,7 +51,7 @@ def hooks(model: nn.Module) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
 def trained(request):
-    model, _ = models.trained_model(request.param, epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model(request.param, epochs=3, image_size=32, seed=0, progress=False)
     return request.param, model.eval()
 
 
@@ -86,7 +86,7 @@ def test_folded_model_lists_every_batchnorm_and_agrees_to_fp32_rounding(trained,
 
 
 def test_shared_modules_are_compared_call_by_call(digits):
-    model, _ = models.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
     report = layer_report(model, P.cast_model(model, BF16), digits)
     names = [layer.name for layer in report.layers]
     assert "layer1.0.relu" in names and "layer1.0.relu [2]" in names           # BasicBlock calls its ReLU twice
@@ -157,7 +157,7 @@ def test_fake_quantized_model_is_an_order_of_magnitude_past_bf16(trained, digits
 
 
 def test_four_bit_fake_quant_error_grows_with_fewer_bits(digits):
-    model, _ = models.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
     eight, four = (layer_report(model, fake_quantized(model, bits), digits) for bits in (8, 4))
     assert four.output.max_rel > eight.output.max_rel
     assert four.layers[0].max_rel > eight.layers[0].max_rel
@@ -241,7 +241,7 @@ def test_training_flags_restored_and_inputs_untouched():
 
 
 def test_table_and_plot(digits):
-    model, _ = models.trained_model("mobilenet_v2", epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model("mobilenet_v2", epochs=3, image_size=32, seed=0, progress=False)
     report = layer_report(model, P.cast_model(model, BF16), digits)
     text = report.format(max_rows=10)
     assert text.splitlines()[0].split()[:3] == ["depth", "layer", "compared"]

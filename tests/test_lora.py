@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionlib import data, lora, models
+from fusionlib import data, lora, models, zoo
 from fusionlib.lora import (
     LoRAConv2d,
     LoRALinear,
@@ -424,20 +424,24 @@ def test_shifted_digits_are_the_digits_shifted_and_normalized_like_the_original(
         lora.shifted_digits_tensors("flip")
 
 
-def test_fine_tuned_lora_model_is_cached_by_its_parameters(tmp_path, monkeypatch):
-    import fusionlib.zoo as zoo
+def test_lora_runs_are_cached_by_their_parameters(tmp_path, monkeypatch):
+    real = zoo.trained_model
+
+    def toy_base(name, technique="plain", **kw):
+        """The plain run is a toy model; the LoRA run is the real recipe."""
+        return real(name, technique, **kw) if technique != "plain" else (toy_model(), {"key": "toy", "test_accuracy": 0.5})
 
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
-    monkeypatch.setattr(zoo, "trained_model", lambda name, **kw: (toy_model(), {"key": "toy", "test_accuracy": 0.5}))
+    monkeypatch.setattr(zoo, "trained_model", toy_base)
     kwargs = dict(name="toy", r=2, alpha=4, epochs=1, image_size=8, progress=False)
-    first, metrics = lora.fine_tuned_lora_model(**kwargs)
+    first, metrics = zoo.trained_model(technique="lora", **kwargs)
     assert not metrics["cached"] and list(lora_layers(first)) == ["0", "5", "9"]
     assert [p.name for p in tmp_path.iterdir()] == [f"lora-toy-{metrics['key']}.pt"]
-    again, metrics_again = lora.fine_tuned_lora_model(**kwargs)
+    again, metrics_again = zoo.trained_model(technique="lora", **kwargs)
     assert metrics_again["cached"] and metrics_again["test_accuracy"] == metrics["test_accuracy"]
     for key, value in lora.lora_state_dict(first).items():
         assert torch.equal(lora.lora_state_dict(again)[key], value)
-    other = lora.fine_tuned_lora_model(**dict(kwargs, r=3))[1]
+    other = zoo.trained_model(technique="lora", **dict(kwargs, r=3))[1]
     assert other["key"] != metrics["key"] and not other["cached"]
 
 

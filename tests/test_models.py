@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fusionlib import models
+from fusionlib import models, recipes, zoo
 from fusionlib.verify import compare_outputs
 from batchnorm_stats import randomize_batchnorm
 
@@ -56,7 +56,7 @@ def _check_group_types(model: nn.Module, groups: list[list[str]]) -> None:
 
 def test_resnet18_groups():
     model = models.resnet18()
-    groups = models.fusion_groups(model)
+    groups = recipes.fusion_groups(model)
     assert len(groups) == 20  # 1 stem + 8 blocks * 2 conv-bn + 3 downsample
     assert groups[0] == ["conv1", "bn1", "relu"]
     assert ["layer1.0.conv1", "layer1.0.bn1"] in groups and ["layer4.1.conv2", "layer4.1.bn2"] in groups
@@ -72,7 +72,7 @@ def test_resnet18_groups():
 
 def test_mobilenet_v2_groups():
     model = models.mobilenet_v2()
-    groups = models.fusion_groups(model)
+    groups = recipes.fusion_groups(model)
     # features.0 + features.1 (dw, project) + 16 blocks * (expand, dw, project) + features.18
     assert len(groups) == 1 + 2 + 16 * 3 + 1 == 52
     assert groups[0] == ["features.0.0", "features.0.1"]
@@ -89,10 +89,10 @@ def test_mobilenet_v2_groups():
 
 
 def test_groups_are_found_by_walking_any_width_or_depth():
-    assert len(models.fusion_groups(torchvision.models.resnet34(weights=None, num_classes=3))) == 1 + 16 * 2 + 3
+    assert len(recipes.fusion_groups(torchvision.models.resnet34(weights=None, num_classes=3))) == 1 + 16 * 2 + 3
     wide = torchvision.models.mobilenet_v2(weights=None, num_classes=5, width_mult=0.5)
-    assert len(models.fusion_groups(wide)) == 52
-    _check_group_types(wide, models.fusion_groups(wide))
+    assert len(recipes.fusion_groups(wide)) == 52
+    _check_group_types(wide, recipes.fusion_groups(wide))
 
 
 def test_fuse_model_on_bare_blocks():
@@ -107,8 +107,8 @@ def test_fuse_model_on_bare_blocks():
          (2, 16, 8, 8)),
     ]
     for block, expected, shape in cases:
-        assert models.fusion_groups(block) == expected
-        fused = models.fuse_model(block)
+        assert recipes.fusion_groups(block) == expected
+        fused = recipes.fuse_model(block)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
         x = torch.randn(shape)
         with torch.inference_mode():
@@ -121,9 +121,9 @@ def test_unknown_architecture_is_a_type_error_naming_it():
         pass
 
     with pytest.raises(TypeError, match="TinyNet"):
-        models.fusion_groups(TinyNet(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+        recipes.fusion_groups(TinyNet(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     with pytest.raises(TypeError, match="TinyNet"):
-        models.fuse_model(TinyNet(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+        recipes.fuse_model(TinyNet(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
 
 
 # ----------------------------------------------------------------------------- fuse_model
@@ -132,7 +132,7 @@ def model_and_fused(request):
     torch.manual_seed(0)
     model = randomize_batchnorm(models.build(request.param)).eval()
     before = copy.deepcopy(model.state_dict())
-    fused = models.fuse_model(model)
+    fused = recipes.fuse_model(model)
     return request.param, model, fused, before
 
 
@@ -155,7 +155,7 @@ def test_fused_matches_unfused_on_sample_photos(model_and_fused, photo_batch):
 
 def test_every_grouped_batchnorm_became_identity(model_and_fused):
     name, model, fused, before = model_and_fused
-    for group in models.fusion_groups(model):
+    for group in recipes.fusion_groups(model):
         for member in group[1:]:
             assert isinstance(fused.get_submodule(member), nn.Identity), member
         conv = fused.get_submodule(group[0])
@@ -176,17 +176,17 @@ def test_every_grouped_batchnorm_became_identity(model_and_fused):
 def test_fuse_model_refuses_training_mode_and_leaves_the_model_as_it_was():
     model = models.resnet18().train()
     with pytest.raises(ValueError, match="eval"):
-        models.fuse_model(model)
+        recipes.fuse_model(model)
     model.eval()
     model.layer2[0].bn1.train()
     with pytest.raises(ValueError, match="layer2.0.bn1"):
-        models.fuse_model(model, inplace=True)
+        recipes.fuse_model(model, inplace=True)
     assert isinstance(model.layer2[0].bn1, nn.BatchNorm2d) and isinstance(model.bn1, nn.BatchNorm2d)
 
 
 def test_fuse_model_inplace_returns_the_same_model():
     model = models.mobilenet_v2().eval()
-    fused = models.fuse_model(model, inplace=True)
+    fused = recipes.fuse_model(model, inplace=True)
     assert fused is model and isinstance(model.features[0][1], nn.Identity)
 
 
@@ -194,18 +194,18 @@ def test_fuse_model_inplace_returns_the_same_model():
 def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_dir() == tmp_path / "a"
+    assert zoo.cache_dir() == tmp_path / "a"
     monkeypatch.delenv("FUSIONLIB_CACHE")
-    assert models.cache_dir() == tmp_path / "xdg" / "fusionlib"
+    assert zoo.cache_dir() == tmp_path / "xdg" / "fusionlib"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert models.cache_dir() == tmp_path / "home" / ".cache" / "fusionlib"
+    assert zoo.cache_dir() == tmp_path / "home" / ".cache" / "fusionlib"
 
 
 def test_cache_key_depends_on_every_parameter():
     base = {"name": "resnet18", "epochs": 3, "lr": 0.03}
-    keys = {models.cache_key(base), models.cache_key({**base, "epochs": 4}), models.cache_key({**base, "lr": 0.031})}
-    assert len(keys) == 3 and models.cache_key(dict(reversed(base.items()))) == models.cache_key(base)
+    keys = {zoo.cache_key(base), zoo.cache_key({**base, "epochs": 4}), zoo.cache_key({**base, "lr": 0.031})}
+    assert len(keys) == 3 and zoo.cache_key(dict(reversed(base.items()))) == zoo.cache_key(base)
 
 
 TINY = dict(name="resnet18", epochs=1, image_size=8, batch_size=64, progress=False)  # a tiny run: one epoch on 8x8 inputs
@@ -215,7 +215,7 @@ def test_trained_model_trains_once_then_loads_identical_weights(monkeypatch, tmp
     from fusionlib.train import evaluate
 
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
-    model, metrics = models.trained_model(**TINY)
+    model, metrics = zoo.trained_model(**TINY)
     assert metrics["cached"] is False and not model.training
     assert set(metrics) >= {"test_accuracy", "train_seconds", "epochs", "cached", "history"}
     assert metrics["epochs"] == 1 and len(metrics["history"]) == 1 and metrics["train_seconds"] > 0
@@ -229,7 +229,7 @@ def test_trained_model_trains_once_then_loads_identical_weights(monkeypatch, tmp
     assert metrics["test_accuracy"] == pytest.approx(evaluate(model, test_loader))
     assert metrics["test_accuracy"] > 0.3  # chance is 0.1
 
-    again, metrics_again = models.trained_model(**TINY)
+    again, metrics_again = zoo.trained_model(**TINY)
     assert metrics_again["cached"] is True and not again.training
     assert metrics_again["test_accuracy"] == metrics["test_accuracy"]
     assert metrics_again["train_seconds"] == metrics["train_seconds"]
@@ -242,41 +242,33 @@ def test_trained_model_retrains_from_scratch_over_a_bad_cache_file(monkeypatch, 
     kwargs = dict(epochs=1, image_size=8, batch_size=256, progress=False)
     params = {
         "name": "mobilenet_v2", "epochs": 1, "image_size": 8, "seed": 0, "batch_size": 256,
-        "lr": models.DEFAULT_LR["mobilenet_v2"], "momentum": 0.9, "weight_decay": 5e-4,
+        "lr": zoo.DEFAULT_LR["mobilenet_v2"], "momentum": 0.9, "weight_decay": 5e-4,
         "channels": 3, "small_input": True, "test_fraction": 0.2,
     }  # fmt: skip
-    path = tmp_path / f"mobilenet_v2-{models.cache_key(params)}.pt"
+    path = tmp_path / f"mobilenet_v2-{zoo.cache_key(params)}.pt"
     # A stale entry: other weights plus an unexpected key, so load_state_dict copies, then fails.
     torch.manual_seed(99)
     stale = dict(models.mobilenet_v2().state_dict(), unexpected=torch.zeros(1))
     torch.save({"state_dict": stale, "metrics": {}}, path)
     with pytest.warns(UserWarning, match="unreadable cache entry"):
-        model, metrics = models.trained_model("mobilenet_v2", **kwargs)
+        model, metrics = zoo.trained_model("mobilenet_v2", **kwargs)
     assert metrics["cached"] is False and Path(metrics["path"]) == path
     # Retrained from the seeded initialization, not from the half-loaded stale weights.
-    clean, _ = models.trained_model("mobilenet_v2", use_cache=False, **kwargs)
+    clean, _ = zoo.trained_model("mobilenet_v2", use_cache=False, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clean.state_dict().values()))
-    assert models.trained_model("mobilenet_v2", **kwargs)[1]["cached"]
+    assert zoo.trained_model("mobilenet_v2", **kwargs)[1]["cached"]
 
 
 # ----------------------------------------------------------------------------- module layout
-def test_recipes_and_zoo_names_stay_importable_from_models():
-    from fusionlib import recipes, zoo
-
-    for name in ("fusion_groups", "fuse_model"):
-        assert getattr(models, name) is getattr(recipes, name), name
-    for name in ("trained_model", "cache_dir", "cache_key", "CACHE_VERSION", "DEFAULT_LR"):
-        assert getattr(models, name) is getattr(zoo, name), name
-
-
 def test_zoo_and_recipes_import_first_in_a_fresh_interpreter():
-    """fusionlib.models re-exports zoo, and zoo uses models' builders: no import cycle either way round."""
+    """zoo uses models' builders and models knows neither zoo nor recipes: each imports first on its own."""
     import subprocess
     import sys
 
-    code = "import fusionlib.zoo, fusionlib.recipes, fusionlib.models as m; assert m.trained_model is fusionlib.zoo.trained_model"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    for code in ("import fusionlib.zoo", "import fusionlib.recipes",
+                 "import fusionlib.models as m; assert not hasattr(m, 'trained_model')"):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
 
 
 def test_set_input_channels_replaces_the_first_conv_under_its_own_name():
@@ -303,7 +295,7 @@ def test_rep_builders_are_registered_with_training_defaults():
     for rep, plain in REP_NAMES.items():
         assert models.REP_BUILDERS[rep] is getattr(models, rep) is models.ALL_BUILDERS[rep]
         assert rep not in models.BUILDERS, "BUILDERS lists the course's two architectures only"
-        assert models.DEFAULT_LR[rep] > 0 and zoo.SECONDS_PER_EPOCH_32[rep] >= zoo.SECONDS_PER_EPOCH_32[plain]
+        assert zoo.DEFAULT_LR[rep] > 0 and zoo.SECONDS_PER_EPOCH_32[rep] >= zoo.SECONDS_PER_EPOCH_32[plain]
 
 
 @pytest.mark.parametrize("rep", list(REP_NAMES))
@@ -343,8 +335,8 @@ def test_fusion_groups_and_fuse_model_on_deployed_rep_models(rep, groups, digits
 
     model = randomize_batchnorm(models.build(rep)).eval()
     deployed = reparameterize_model(model)
-    assert len(models.fusion_groups(deployed)) == groups  # only the convs that were never RepBlocks
-    fused = models.fuse_model(deployed)
+    assert len(recipes.fusion_groups(deployed)) == groups  # only the convs that were never RepBlocks
+    fused = recipes.fuse_model(deployed)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     with torch.inference_mode():
         result = compare_outputs(model(digits_batch), fused(digits_batch), rtol=1e-5, name=rep)
@@ -356,10 +348,10 @@ def test_trained_model_trains_and_caches_a_rep_model(monkeypatch, tmp_path):
 
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
     kwargs = dict(epochs=1, image_size=8, batch_size=256, channels=1, progress=False)
-    model, metrics = models.trained_model("rep_mobilenet_v2", **kwargs)
-    assert not metrics["cached"] and metrics["params"]["lr"] == models.DEFAULT_LR["rep_mobilenet_v2"]
+    model, metrics = zoo.trained_model("rep_mobilenet_v2", **kwargs)
+    assert not metrics["cached"] and metrics["params"]["lr"] == zoo.DEFAULT_LR["rep_mobilenet_v2"]
     assert count_rep_blocks(model) == 17 and model.features[0][0].in_channels == 1
-    again, metrics_again = models.trained_model("rep_mobilenet_v2", **kwargs)
+    again, metrics_again = zoo.trained_model("rep_mobilenet_v2", **kwargs)
     assert metrics_again["cached"] and count_rep_blocks(again) == 17
     x = torch.randn(2, 1, 8, 8)
     with torch.inference_mode():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlib import data, fx, models
+from fusionlib import data, fx, models, zoo
 from fusionlib import precision as P
 from fusionlib.verify import compare_outputs
 from batchnorm_stats import randomize_batchnorm
@@ -113,7 +113,7 @@ def digits():
 
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2"])
 def trained(request):
-    model, _ = models.trained_model(request.param, epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model(request.param, epochs=3, image_size=32, seed=0, progress=False)
     return request.param, model.eval()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusionlib import data, models
+from fusionlib import data, zoo
 from fusionlib.quant import HistogramCalibrator, MaxCalibrator, amax_shape_for, fake_quantize
 
 
@@ -51,7 +51,7 @@ def test_max_calibrator_returns_a_copy_and_resets():
 
 
 def test_max_calibrator_on_real_conv_weights_matches_per_channel_amax():
-    model, _ = models.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
     w = model.conv1.weight.detach()
     cal = MaxCalibrator(8, axis=0)
     cal.collect(w)
@@ -112,7 +112,7 @@ def test_percentile_agrees_with_torch_quantile_within_a_bin(percentile):
 @pytest.fixture(scope="module")
 def relu_activations():
     """Post-ReLU activations of the digits-trained ResNet18 (layer1), 4 batches."""
-    model, _ = models.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
     images = data.digits_tensors()[2][:64]
     out = []
     hook = model.layer1.register_forward_hook(lambda m, i, o: out.append(o.detach().clone()))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlib import data, models
+from fusionlib import data, models, zoo
 from fusionlib.quant import (
     amax_shape_for,
     check_amax,
@@ -128,7 +128,7 @@ def digits_model_tensors():
     images = data.digits_tensors()[2][:16]
     out = {}
     for name in sorted(models.BUILDERS):
-        model, _ = models.trained_model(name, epochs=3, image_size=32, seed=0, progress=False)
+        model, _ = zoo.trained_model(name, epochs=3, image_size=32, seed=0, progress=False)
         weights = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Conv2d)]
         acts, hooks = [], []
         for m in model.modules():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from fusionlib import data, models
+from fusionlib import data, zoo
 from fusionlib.quant import (
     QUANT_DESC_8BIT_PER_TENSOR,
     QUANT_MODULES,
@@ -192,7 +192,7 @@ def test_quant_state_dict_round_trip_and_partial_quantizer_keys_are_still_checke
 # ----------------------------------------------------------------------------- a real model on the digits
 @pytest.fixture(scope="module")
 def resnet18_digits():
-    float_model, metrics = models.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
+    float_model, metrics = zoo.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
     with enable_quantization():
         quant_model = torchvision.models.resnet18(weights=None, num_classes=10)
     return float_model, quant_model.eval(), metrics

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlib import data, models, train
+from fusionlib import data, models, train, zoo
 from fusionlib.quant import (
     HistogramCalibrator,
     MaxCalibrator,
@@ -332,7 +332,7 @@ def test_quantize_model_refuses_an_already_quantized_layer():
 # ----------------------------------------------------------------------------- both digits models
 @pytest.mark.parametrize("name", sorted(models.BUILDERS))
 def test_8bit_per_channel_ptq_of_the_digits_models_is_within_two_points(name):
-    model, metrics = models.trained_model(name, epochs=3, image_size=32, seed=0, progress=False)
+    model, metrics = zoo.trained_model(name, epochs=3, image_size=32, seed=0, progress=False)
     train_loader, test_loader = data.digits_loaders(batch_size=64, seed=0)
     quant = quantize_model(model)
     start = time.perf_counter()

@@ -298,26 +298,26 @@ def test_bad_prepare_arguments(call, error, match):
         call()
 
 
-def test_trained_qat_model_without_epochs_is_the_calibrated_ptq_model(tmp_path, monkeypatch):
+def test_qat_run_without_epochs_is_the_calibrated_ptq_model(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
     from fusionlib import zoo
-    from fusionlib.zoo import trained_qat_model
     monkeypatch.setattr(zoo, "trained_model", _cached_fp32)
-    gm, metrics = trained_qat_model("resnet18", epochs=0, progress=False)
+    gm, metrics = zoo.trained_model("resnet18", "qat", epochs=0, progress=False)
     assert metrics["ptq_accuracy"] == metrics["test_accuracy"] and not metrics["cached"]
-    again, metrics2 = trained_qat_model("resnet18", epochs=0, progress=False)
+    again, metrics2 = zoo.trained_model("resnet18", "qat", epochs=0, progress=False)
     assert metrics2["cached"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(x), gm(x))
     with pytest.raises(ValueError, match="freeze_bn_epoch"):
-        trained_qat_model("resnet18", epochs=1, freeze_bn_epoch=-1, progress=False)
+        zoo.trained_model("resnet18", "qat", epochs=1, freeze_bn_epoch=-1, progress=False)
 
 
-def _cached_fp32(name, **kwargs):
-    """The zoo's model from the real cache (the test's FUSIONLIB_CACHE only holds the QAT entries)."""
+def _cached_fp32(name, technique="plain", **kwargs):
+    """The plain model from the real cache (the test's FUSIONLIB_CACHE only holds the QAT entries); QAT as it is."""
     import os
-    from fusionlib import zoo
+    if technique != "plain":
+        return _ORIGINAL_TRAINED_MODEL(name, technique, **kwargs)
     saved = os.environ.pop("FUSIONLIB_CACHE")
     try:
         return _ORIGINAL_TRAINED_MODEL(name, **kwargs)

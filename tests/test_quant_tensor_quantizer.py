@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlib import models
+from fusionlib import zoo
 from fusionlib.quant import (
     QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL,
@@ -111,7 +111,7 @@ def test_quantize_without_amax_is_a_clear_error():
 
 
 def test_calibrate_per_channel_weights_of_a_real_model():
-    model, _ = models.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
+    model, _ = zoo.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
     w = model.layer1[0].conv1.weight.detach()
     tq = TensorQuantizer(QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL, if_quant=False, if_calib=True)
     assert tq(w) is w

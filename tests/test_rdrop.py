@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionlib import data, models, rdrop
+from fusionlib import data, models, rdrop, zoo
 from fusionlib.rdrop import RDropStep, compute_kl_loss, rdrop_forward, rdrop_loss
 from fusionlib.train import fit
 from model_fingerprint import assert_unchanged, fingerprint
@@ -338,19 +338,18 @@ def test_rdrop_step_in_fit_logs_ce_and_kl_per_epoch(digits8):
     assert history[0]["train_loss"] == pytest.approx(means[0]["ce"] + means[0]["kl"], rel=1e-6)
 
 
-def test_trained_run_caches_by_every_parameter(tmp_path, monkeypatch):
+def test_rdrop_runs_are_cached_by_every_parameter(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
     kwargs = dict(epochs=1, batch_size=256, image_size=8, seed=0, progress=False)
-    model, first = rdrop.trained_run("resnet18", alpha=1.0, **kwargs)
+    model, first = zoo.trained_model("resnet18", "rdrop", alpha=1.0, **kwargs)
     assert not first["cached"] and set(first["history"][0]) >= {"kl", "ce", "test_acc", "seconds"}
     assert isinstance(model.fc, nn.Sequential) and model.fc[0].p == 0.2 and not model.training
-    again, second = rdrop.trained_run("resnet18", alpha=1.0, **kwargs)
+    again, second = zoo.trained_model("resnet18", "rdrop", alpha=1.0, **kwargs)
     assert second["cached"] and second["key"] == first["key"] and second["history"] == first["history"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    from fusionlib import zoo
     keys = {first["key"], zoo.cache_key(dict(first["params"], alpha=0.5)), zoo.cache_key(dict(first["params"], concat=False)),
             zoo.cache_key(dict(first["params"], batch_size=128))}
     assert len(keys) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"rdrop-resnet18-{first['key']}.pt"]
     with pytest.raises(ValueError, match="rep_resnet18"):
-        rdrop.trained_run("rep_resnet18", **kwargs)
+        zoo.trained_model("rep_resnet18", "rdrop", **kwargs)

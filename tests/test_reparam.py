@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionlib import anatomy, fx, models
+from fusionlib import anatomy, fx, models, recipes
 from fusionlib.fusion import fuse_modules
 from fusionlib.reparam import (
     RepBlock,
@@ -439,9 +439,9 @@ def rep_models(request):
     before = fingerprint(multi)
     deployed = reparameterize_model(multi)
     assert_unchanged(multi, before)
-    fused = models.fuse_model(deployed)
+    fused = recipes.fuse_model(deployed)
     traced = fx.fuse_conv_bn(deployed)
-    plain = models.fuse_model(randomize_batchnorm(models.build(name.removeprefix("rep_")), seed=0).eval())
+    plain = recipes.fuse_model(randomize_batchnorm(models.build(name.removeprefix("rep_")), seed=0).eval())
     return name, multi, deployed, fused, traced, plain
 
 
