@@ -27,17 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from fusionlib.arguments import check_positive_int
+
 #: ImageNet channel statistics (RGB), the usual torchvision normalization.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Number of classes in the digits data set.
 NUM_CLASSES = 10
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,7 +49,7 @@ def _digits_unnormalized(image_size: int, channels: int, test_fraction: float, s
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    _check_positive_int("image_size", image_size)
+    check_positive_int("image_size", image_size)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     if not 0.0 < test_fraction < 1.0:
@@ -114,7 +111,7 @@ def digits_loaders(
     (same batches in the same order on every run); the test loader keeps the
     order. Both run in the main process (``num_workers=0``): the data is tiny.
     """
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     x_train, y_train, x_test, y_test = digits_tensors(image_size, channels, normalize, test_fraction, seed)
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True, generator=generator)
@@ -146,8 +143,8 @@ def sample_photos(size: int = 224, crops_per_image: int = 4, normalize: bool = T
     """
     from sklearn.datasets import load_sample_images
 
-    _check_positive_int("size", size)
-    _check_positive_int("crops_per_image", crops_per_image)
+    check_positive_int("size", size)
+    check_positive_int("crops_per_image", crops_per_image)
     short_side = max(size, round(size * 256 / 224))
 
     crops = []

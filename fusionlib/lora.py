@@ -85,6 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionlib.arguments import check_positive_int
 from fusionlib.folding import round_to_nearest
 from fusionlib.models import _check_dropout
 from fusionlib.modules import carry_forward_hooks
@@ -115,11 +116,6 @@ _EXACT = torch.float64  # the dtype B @ A, the scaling and the sum are computed 
 # --------------------------------------------------------------------------
 # Argument checks (each error names the bad value and says what would work)
 # --------------------------------------------------------------------------
-def _check_rank(r: Any) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r (the adapter's rank) must be a positive int, got {r!r}; typical values are 1 to 64")
-
-
 def _real(value: Any) -> float | None:
     """``float(value)`` for a finite real number (int, float, numpy scalar, 0-d real tensor; not bool), else None."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not (value.dtype.is_complex or value.dtype == torch.bool):
@@ -129,7 +125,7 @@ def _real(value: Any) -> float | None:
     return float(value)
 
 
-def _check_alpha(alpha: Any) -> float:
+def _check_lora_alpha(alpha: Any) -> float:
     """``alpha`` as a float; ``ValueError`` unless it is a positive finite real number."""
     value = _real(alpha)
     if value is None or value <= 0:
@@ -216,8 +212,8 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        _check_rank(r)
-        alpha = _check_alpha(alpha)
+        check_positive_int("r (the adapter's rank)", r, "typical values are 1 to 64")
+        alpha = _check_lora_alpha(alpha)
         _check_dropout(dropout)
         self.base = base
         self.r, self.alpha, self.dropout_p = r, alpha, float(dropout)
@@ -473,8 +469,8 @@ def inject_lora(
     ``inplace=False`` (default) works on a deep copy; ``inplace=True`` on
     ``model`` itself.
     """
-    _check_rank(r)
-    alpha = _check_alpha(alpha)
+    check_positive_int("r (the adapter's rank)", r, "typical values are 1 to 64")
+    alpha = _check_lora_alpha(alpha)
     _check_dropout(dropout)
     names = _resolve_targets(model, target_modules)
     wrappers = {}
@@ -646,8 +642,7 @@ def fine_tune_lora(
     """
     from fusionlib.train import seed_everything
 
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    check_positive_int("epochs", epochs)
     layers = _require_lora(model, "fine_tune_lora")
     mark_only_lora_as_trainable(model)
     params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]

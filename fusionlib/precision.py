@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arguments import check_positive_int
 from .folding import round_to_nearest
 from .modules import eval_mode
 
@@ -171,36 +172,31 @@ def bit_fields(value: float, dtype: torch.dtype) -> tuple[str, str, str]:
     return text[0], text[1:1 + fmt.exponent_bits], text[1 + fmt.exponent_bits:]
 
 
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def dot_product_error_bound(k: int, dtype: torch.dtype) -> float:
     """γ_K = K u / (1 − K u): ``|fl(xᵀy) − xᵀy| <= γ_K Σ|x_i y_i|`` for a length-K sum in ``dtype``.
 
     ``inf`` once ``K u >= 1`` (the bound says nothing).
     """
-    _check_count("k", k)
+    check_positive_int("k", k)
     ku = k * unit_roundoff(dtype)
     return ku / (1.0 - ku) if ku < 1.0 else math.inf
 
 
 def dot_product_typical_error(k: int, dtype: torch.dtype) -> float:
     """√K · u: the typical relative error of a length-K sum when rounding errors are independent."""
-    _check_count("k", k)
+    check_positive_int("k", k)
     return math.sqrt(k) * unit_roundoff(dtype)
 
 
 def worst_case_relative_error(depth: int, dtype: torch.dtype) -> float:
     """(1 + u)^L − 1 ≈ L u: L layers, each rounding once with |δ| <= u, errors all the same sign, gain 1."""
-    _check_count("depth", depth)
+    check_positive_int("depth", depth)
     return (1.0 + unit_roundoff(dtype)) ** depth - 1.0
 
 
 def typical_relative_error(depth: int, dtype: torch.dtype) -> float:
     """√L · u: L layers with independent zero-mean rounding errors of size u, gain 1."""
-    _check_count("depth", depth)
+    check_positive_int("depth", depth)
     return math.sqrt(depth) * unit_roundoff(dtype)
 
 

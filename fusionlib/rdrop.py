@@ -85,7 +85,7 @@ def _check_reduction(reduction: Any) -> None:
         raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
 
 
-def _check_alpha(alpha: Any) -> None:
+def _check_kl_weight(alpha: Any) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"alpha weighs the KL term and must be a finite number >= 0, got {alpha!r}")
 
@@ -183,7 +183,7 @@ def rdrop_loss(
     Returns ``(loss, RDropParts)``; gradients flow through both passes.
     """
     _check_logits(logits1, logits2)
-    _check_alpha(alpha)
+    _check_kl_weight(alpha)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
     if tuple(target.shape) != tuple(logits1.shape[:-1]):
@@ -237,7 +237,7 @@ def rdrop_forward(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    _check_alpha(alpha)
+    _check_kl_weight(alpha)
     _check_reduction(reduction)
     if not isinstance(target, torch.Tensor) or target.dim() < 1 or target.shape[0] != x.shape[0]:
         got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
@@ -262,7 +262,7 @@ class RDropStep:
     """
 
     def __init__(self, alpha: float, concat: bool = True, reduction: str = "sum") -> None:
-        _check_alpha(alpha)
+        _check_kl_weight(alpha)
         _check_reduction(reduction)
         self.alpha, self.concat, self.reduction = float(alpha), bool(concat), reduction
         self.log: list[dict[str, float]] = []

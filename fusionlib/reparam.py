@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusionlib.arguments import check_positive_int
 from fusionlib.folding import _as_parameters, fuse_conv_bn_weights, round_to_nearest
 from fusionlib.modules import warn_dropped_hooks
 
@@ -76,11 +77,6 @@ def _check_odd_kernel(kernel_size: int, what: str = "kernel_size") -> None:
             f"{what} must be a positive odd int, got {kernel_size!r}: an even kernel has no centre tap, so a "
             "1x1 branch or the identity cannot be placed on it; use 1, 3, 5, ..."
         )
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_groups(in_channels: int, out_channels: int, groups: int) -> None:
@@ -136,8 +132,8 @@ def identity_kernel(
     Dense (``g = 1``): ``I[o, o]`` at the centre. Depthwise (``g = C``): shape
     ``[C, 1, k, k]``, a single 1 at each filter's centre.
     """
-    _check_positive_int("channels", channels)
-    _check_positive_int("groups", groups)
+    check_positive_int("channels", channels)
+    check_positive_int("groups", groups)
     _check_odd_kernel(kernel_size)
     if channels % groups:
         raise ValueError(
@@ -387,7 +383,7 @@ class RepBlock(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("stride", stride),
                             ("groups", groups)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         _check_odd_kernel(kernel_size)
         if padding is not None and padding != kernel_size // 2:
             raise ValueError(
