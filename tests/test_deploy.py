@@ -13,7 +13,7 @@ from batchnorm_stats import randomize_batchnorm
 from model_fingerprint import assert_unchanged, fingerprint
 from fusionlib import deploy, lora, models, reparam
 from fusionlib.fx import fuse_conv_bn, optimize_for_inference
-from fusionlib.quant import QuantDescriptor, TensorQuantizer, calibrate, quantize_model, quantizers
+from fusionlib.quant import QuantDescriptor, TensorQuantizer, calibrate, calibrate_weights, quantize_model, quantizers
 from fusionlib.quant.ptq import weight_quantizer_ids
 from fusionlib.quant.qat import prepare_qat
 from fusionlib.verify import compare_outputs
@@ -295,10 +295,9 @@ def test_onnx_cell_magic_runs_cells_reports_errors_and_skips_without_the_extra(m
 
 def test_integer_output_quantizers_are_refused_and_unsigned_narrow_range_is_not(tmp_path):
     x = torch.rand(1, 3, 8, 8)
-    model = quantize_model(nn.Sequential(nn.Conv2d(3, 2, 3)).eval(),
-                           quant_desc_input=QuantDescriptor(fake_quant=False, amax=1.0),
-                           quant_desc_weight=QuantDescriptor(axis=0))
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 2, 3)).eval())  # quant layers refuse fake_quant=False ...
     calibrate(model, [x])
+    model[0].input_quantizer = TensorQuantizer(QuantDescriptor(fake_quant=False, amax=1.0))  # ... a bare one can
     with pytest.raises(ValueError, match=r"fake_quant=False: it outputs the integers.*: 0.input_quantizer"):
         deploy.export_onnx(model, x, tmp_path / "ints.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -308,3 +307,17 @@ def test_integer_output_quantizers_are_refused_and_unsigned_narrow_range_is_not(
     report = deploy.export_onnx(unsigned_narrow, x, tmp_path / "unsigned.onnx")  # the grid is [0, 255] either way
     result = compare_outputs(_run(unsigned_narrow, x), deploy.ort_session(report.path)(x), rtol=1e-4, name="uint8")
     assert result.passed, result
+
+
+def test_dynamic_and_scaled_amax_are_refused_by_name(tmp_path):
+    x = torch.rand(1, 3, 8, 8)
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Conv2d(2, 2, 1)).eval(),
+                           quant_desc_input=QuantDescriptor(dynamic_amax=True))
+    calibrate_weights(model, "max")
+    model(x)  # runs on each batch's own range
+    with pytest.raises(ValueError, match=r"2 quantizer\(s\) with dynamic amax .*: 0.input_quantizer, 1.input_quantizer"):
+        deploy.export_onnx(model, x, tmp_path / "dynamic.onnx")
+    model[1].input_quantizer = TensorQuantizer(QuantDescriptor(amax=1.0, scale_amax=2.0))
+    with pytest.raises(ValueError, match=r"scale_amax set .*: 1.input_quantizer"):
+        deploy.export_onnx(model, x, tmp_path / "scaled.onnx")
+    assert list(tmp_path.iterdir()) == []

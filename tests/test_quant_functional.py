@@ -9,6 +9,7 @@ from torch import nn
 
 from fusionlib import data, models, zoo
 from fusionlib.quant import (
+    amax_along,
     amax_shape_for,
     check_amax,
     dequantize,
@@ -17,6 +18,7 @@ from fusionlib.quant import (
     quant_min,
     quant_scale,
     quantize,
+    reduce_amax,
     step_size,
 )
 
@@ -47,10 +49,11 @@ def test_quantize_gives_integers_on_the_grid_and_dequantize_inverts_it():
     torch.manual_seed(0)
     x = torch.randn(1000) * 2
     for num_bits, unsigned, narrow in [(8, False, True), (8, False, False), (4, True, False), (3, False, True)]:
-        q = quantize(x, 1.5, num_bits, unsigned, narrow)
-        assert q.dtype == x.dtype and torch.equal(q, q.round())
+        xs = x.abs() if unsigned else x  # quantize refuses negatives on an unsigned grid
+        q = quantize(xs, 1.5, num_bits, unsigned, narrow)
+        assert q.dtype == xs.dtype and torch.equal(q, q.round())
         assert int(q.min()) == quant_min(num_bits, unsigned, narrow) and int(q.max()) == quant_max(num_bits, unsigned)
-        assert torch.equal(dequantize(q, 1.5, num_bits, unsigned), fake_quantize(x, 1.5, num_bits, unsigned, narrow))
+        assert torch.equal(dequantize(q, 1.5, num_bits, unsigned), fake_quantize(xs, 1.5, num_bits, unsigned, narrow))
     # inside the range the error is at most half a step
     inside = x[x.abs() <= 1.5]
     assert float((fake_quantize(inside, 1.5) - inside).abs().max()) <= float(step_size(1.5)) / 2 * (1 + 1e-6)
@@ -353,3 +356,22 @@ def test_flat_per_channel_amax_is_placed_along_axis_not_the_last_dim():
     assert check_amax([1.0, 2.0, 3.0], conv_w, axis=0).shape == (3, 1, 1, 1)
     with pytest.raises(ValueError, match=r"does not match axis=0 .*want \(4, 1\), or a flat list of 4 values"):
         check_amax(torch.ones(1, 4), w, axis=0)
+
+
+# ----------------------------------------------------------------------------- pytorch-quantization's names and behaviour
+def test_reduce_amax_reduces_the_named_axes():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 2, 2)
+    assert torch.equal(reduce_amax(w), w.abs().max()) and reduce_amax(w).shape == ()  # axis=None: a 0-d amax
+    assert torch.equal(reduce_amax(w, axis=(1, 2, 3)), w.abs().amax(dim=(1, 2, 3), keepdim=True))
+    assert reduce_amax(w, axis=(1, 2, 3), keepdims=False).shape == (4,)
+    assert reduce_amax(w, axis=0).shape == (1, 3, 2, 2) and not reduce_amax(w.requires_grad_(), 0).requires_grad
+    assert torch.equal(amax_along(w, 0), reduce_amax(w, axis=(1, 2, 3)))  # axis kept vs axes reduced
+
+
+def test_quantize_unsigned_refuses_negative_values_and_fake_quantize_clamps_them():
+    x = torch.tensor([-0.25, 0.5, 1.0])
+    with pytest.raises(ValueError, match=r"negative values encountered"):
+        quantize(x, 1.0, 8, unsigned=True)
+    assert fake_quantize(x, 1.0, 8, unsigned=True)[0] == 0.0  # fake_quantize's grid is [0, amax]
+    assert torch.equal(quantize(x.abs(), 1.0, 8, unsigned=True), torch.tensor([64.0, 128.0, 255.0]))

@@ -10,7 +10,7 @@ from torch import nn
 
 import fusionlib
 from fusionlib import data, zoo
-from fusionlib.quant import QuantDescriptor, TensorQuantizer, calibrate, quantize, quantizers
+from fusionlib.quant import QuantDescriptor, TensorQuantizer, calibrate, calibrate_weights, quantize, quantizers
 from fusionlib.quant.int8 import (activation_qparams, convert_int8, int8_sums_exact, missing_amax, model_size_bytes,
                                   quantized_weight)
 
@@ -129,6 +129,17 @@ def test_uncalibrated_model_names_the_quantizers_without_amax():
     assert missing_amax(gm)
     with pytest.raises(ValueError, match=r"no amax \(calibrate first\): .*act_quant\."):
         convert_int8(gm)
+
+
+def test_dynamic_amax_is_refused_by_name():
+    gm = prepare_qat(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), quant_desc_input=QuantDescriptor(dynamic_amax=True))
+    calibrate_weights(gm, "max")  # weights fixed; the activations take each batch's range
+    gm(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"dynamic amax \(each batch's own max \|x\|; calibrate to fix amax\): "
+                                         r".*act_quant\."):
+        convert_int8(gm)
+    with pytest.raises(ValueError, match=r"dynamic amax"):
+        activation_qparams(TensorQuantizer(QuantDescriptor(dynamic_amax=True)))
 
 
 def test_disabled_quantizer_is_refused():

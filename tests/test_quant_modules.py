@@ -13,14 +13,23 @@ from fusionlib import data, zoo
 from fusionlib.quant import (
     QUANT_DESC_8BIT_PER_TENSOR,
     QUANT_MODULES,
+    QuantAdaptiveAvgPool1d,
     QuantAdaptiveAvgPool2d,
+    QuantAdaptiveAvgPool3d,
+    QuantAvgPool1d,
     QuantAvgPool2d,
+    QuantAvgPool3d,
     QuantConv1d,
     QuantConv2d,
     QuantConv3d,
+    QuantConvTranspose1d,
     QuantConvTranspose2d,
+    QuantConvTranspose3d,
     QuantDescriptor,
     QuantLinear,
+    QuantMaxPool1d,
+    QuantMaxPool2d,
+    QuantMaxPool3d,
     TensorQuantizer,
     calibrate,
     disabled_quantizers,
@@ -40,6 +49,16 @@ CASES = [
     (QuantLinear, (12, 7), dict(), (3, 5, 12), 0),
     (QuantAvgPool2d, (3,), dict(stride=2, padding=1, ceil_mode=True, count_include_pad=False), (2, 3, 9, 9), None),
     (QuantAdaptiveAvgPool2d, ((2, 3),), dict(), (2, 3, 9, 7), None),
+    # pytorch-quantization's other CNN layers
+    (QuantConvTranspose1d, (4, 6, 3), dict(stride=2, padding=1, output_padding=1), (2, 4, 7), 1),
+    (QuantConvTranspose3d, (3, 4, (1, 3, 3)), dict(stride=(1, 2, 2)), (1, 3, 2, 4, 4), 1),
+    (QuantMaxPool1d, (3,), dict(stride=2, padding=1), (2, 3, 11), None),
+    (QuantMaxPool2d, (3,), dict(stride=2, padding=1, ceil_mode=True), (2, 3, 9, 9), None),
+    (QuantMaxPool3d, (2,), dict(dilation=1), (1, 2, 4, 6, 6), None),
+    (QuantAvgPool1d, (3,), dict(stride=2, count_include_pad=False), (2, 3, 11), None),
+    (QuantAvgPool3d, (2,), dict(divisor_override=3), (1, 2, 4, 6, 6), None),
+    (QuantAdaptiveAvgPool1d, (4,), dict(), (2, 3, 11), None),
+    (QuantAdaptiveAvgPool3d, ((1, 2, 3),), dict(), (1, 2, 4, 6, 6), None),
 ]
 IDS = [f"{c[0].__name__}-{i}" for i, c in enumerate(CASES)]
 
@@ -226,3 +245,19 @@ def test_resnet18_8bit_per_channel_ptq_is_close_to_fp32(resnet18_digits):
     # Measured: max rel error about 0.01-0.02, top-1 agreement >= 99% (360 test digits).
     assert 0 < worst < 0.05, worst
     assert agree / total >= 0.97, agree / total
+
+
+def test_quant_layers_refuse_integer_output_descriptors():
+    """A layer computing on unscaled integers is wrong by the scales: fake_quant=False is refused everywhere."""
+    integers = QuantDescriptor(fake_quant=False)
+    calls = [lambda: QuantLinear(3, 2, quant_desc_input=integers),
+             lambda: QuantConv2d(3, 2, 1, quant_desc_weight=integers.replace(axis=0)),
+             lambda: QuantMaxPool2d(2, quant_desc_input=integers),
+             lambda: QuantLinear.from_float(nn.Linear(3, 2), quant_desc_weight=integers),
+             lambda: QuantConv2d.set_default_quant_desc_input(integers)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"quant_desc_(input|weight).* fake_quant=False: only fake quantization "
+                                             r"is supported"):
+            call()
+    assert QuantConv2d.default_quant_desc_input.fake_quant
+    TensorQuantizer(integers)  # a bare quantizer may still output integers

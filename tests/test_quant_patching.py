@@ -48,8 +48,10 @@ def assert_originals() -> None:
 
 
 def test_mapping_covers_every_site_of_every_class():
-    assert set(QUANT_MODULE_NAMES) == {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Linear", "AvgPool2d",
-                                       "AdaptiveAvgPool2d"}
+    assert set(QUANT_MODULE_NAMES) == {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                                       "ConvTranspose3d", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d",
+                                       "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d",
+                                       "AdaptiveAvgPool3d"}
     sites = {(entry.module.__name__, entry.name) for entry in QUANT_MODULE_MAPPING}
     assert ("torch.nn", "Conv2d") in sites and ("torch.nn.modules.conv", "Conv2d") in sites
     assert ("torch.nn.modules", "Linear") in sites and ("torch.nn.modules.linear", "Linear") in sites
@@ -153,7 +155,7 @@ class Unsettable:
 
 BAD_INPUTS = [
     (dict(float_module_list=["Linear", "Conv"]), ValueError,
-     r"unknown class name\(s\) \['Conv'\]; valid names: \['Conv1d', 'Conv2d'.*'AdaptiveAvgPool2d'\]"),
+     r"unknown class name\(s\) \['Conv'\]; valid names: \['Conv1d', 'Conv2d'.*'AdaptiveAvgPool3d'\]"),
     (dict(float_module_list="Linear"), TypeError, r"takes a list of class names, got the string 'Linear'"),
     (dict(custom_quant_modules=[(torch.nn, "ReLU")]), ValueError, r"\[0\] must be a \(module, name, replacement\)"),
     (dict(custom_quant_modules=[(torch.nn, "Relu", LoggingReLU)]), ValueError, r"torch.nn has no attribute 'Relu'"),

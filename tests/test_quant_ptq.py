@@ -14,9 +14,11 @@ from fusionlib.quant import (
     MaxCalibrator,
     QuantAdaptiveAvgPool2d,
     QuantConv2d,
+    QuantConvTranspose2d,
     QuantDescriptor,
     QuantLinear,
     calibrate,
+    calibrate_weights,
     disabled_quantizers,
     keep_float,
     layer_sensitivity,
@@ -25,6 +27,7 @@ from fusionlib.quant import (
     quantize_model,
     quantizers,
 )
+from fusionlib.quant.qat import QATConvBn2d
 from model_fingerprint import assert_unchanged, fingerprint
 
 
@@ -406,3 +409,59 @@ def test_calibrate_feeds_every_input_of_a_two_input_model():
     assert model.a.input_quantizer.amax is None  # nothing half-applied
     amax = calibrate(model, [((x, y), torch.zeros(2))])
     assert float(amax["b.input_quantizer"]) == float(y.abs().max())
+
+
+# ----------------------------------------------------------------------------- pytorch-quantization's names
+def _histogram_amax(values: torch.Tensor, q, method: str, percentile: float = 99.99) -> torch.Tensor:
+    calibrator = HistogramCalibrator(q.num_bits, None, q.unsigned)
+    calibrator.collect(values)
+    return calibrator.compute_amax(method, percentile=percentile)
+
+
+def test_calibrate_weights_equals_each_weight_quantizers_own_calibrator():
+    torch.manual_seed(0)
+    model = nn.Sequential(QuantConv2d(3, 4, 3), QuantConvTranspose2d(4, 5, 3), QuantLinear(6, 2))
+    weights = {f"{i}.weight_quantizer": (layer.weight.detach(), layer.weight_quantizer) for i, layer in enumerate(model)}
+    amax = calibrate_weights(model, "max")
+    for name, (w, q) in weights.items():
+        dims = [d for d in range(w.dim()) if d != q.axis[0]]
+        assert torch.equal(amax[name], w.abs().amax(dim=dims, keepdim=True)) and torch.equal(q.amax, amax[name])
+    for method in ("percentile", "mse"):
+        amax = calibrate_weights(model, method, percentile=99.0)
+        for name, (w, q) in weights.items():
+            rows = w.movedim(q.axis[0], 0).flatten(1)
+            want = torch.stack([_histogram_amax(row, q, method, 99.0) for row in rows])
+            assert torch.equal(amax[name].flatten(), want), (method, name)
+    per_tensor = calibrate_weights(model, "percentile", perchannel=False)
+    for name, (w, q) in weights.items():
+        assert torch.equal(per_tensor[name], _histogram_amax(w.flatten(), q, "percentile")) and q.amax.shape == ()
+    for name, q in quantizers(model).items():
+        assert ("input" in name) == (q.amax is None)  # input quantizers untouched
+
+
+def test_calibrate_weights_refuses_and_changes_nothing():
+    model = nn.Sequential(QuantConv2d(3, 4, 3), QuantLinear(6, 2, quant_desc_weight=QuantDescriptor()))
+    before = quantizer_state(model)
+    with pytest.raises(ValueError, match=r"method must be one of \['max', 'percentile', 'mse'\], got 'entropy'"):
+        calibrate_weights(model, "entropy")
+    with pytest.raises(ValueError, match=r"perchannel=True\): \['1.weight_quantizer'\] quantize per tensor"):
+        calibrate_weights(model)
+    assert_same_state(model, before)
+    folded = nn.Sequential(QATConvBn2d(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(ValueError, match=r"\['0'\] do not quantize the layer's own weight"):
+        calibrate_weights(folded)
+
+
+def test_load_calib_amax_strict_false_skips_quantizers_without_data():
+    model = nn.Sequential(QuantConv2d(3, 4, 3), QuantConv2d(4, 2, 1))
+    calibrate(model, batches(2), "percentile")
+    old = model[1].input_quantizer.amax.clone()
+    model[1].input_quantizer.reset_calib()
+    before = quantizer_state(model)
+    with pytest.raises(ValueError, match=r"1 quantizer\(s\) saw no data .*'1.input_quantizer'.*strict=False"):
+        load_calib_amax(model, "mse")
+    assert_same_state(model, before)
+    with pytest.warns(UserWarning, match=r"skips 1 quantizer\(s\) that saw no data: \['1.input_quantizer'\]"):
+        loaded = load_calib_amax(model, "mse", strict=False)
+    assert "1.input_quantizer" not in loaded and torch.equal(model[1].input_quantizer.amax, old)
+    assert set(loaded) == set(quantizers(model)) - {"1.input_quantizer"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_switches():
     tq(x * 100)  # disabled: no calibration either
     assert float(tq.calibrator.compute_amax()) == 6.0
     tq.reset_calib()
-    with pytest.raises(RuntimeError, match=r"collect\(\) first"):
+    with pytest.raises(RuntimeError, match=r"calibrator saw no data"):
         tq.load_calib_amax()
 
 
@@ -344,3 +345,85 @@ def test_learned_amax_is_a_parameter_from_construction_so_an_early_optimizer_tra
         ((tq(x) - x) ** 2).mean().backward()
         optimizer.step()
     assert float(tq.amax.detach()) > 0.5  # the optimizer's parameter is the quantizer's amax
+
+
+# ----------------------------------------------------------------------------- pytorch-quantization's behaviour and names
+def test_dynamic_amax_is_opt_in_and_matches_torch():
+    torch.manual_seed(0)
+    x = torch.randn(64)
+    with pytest.raises(RuntimeError, match=r"has no amax: calibrate first"):
+        TensorQuantizer()(x)  # the default stays: a forgotten calibration is an error
+    dynamic = TensorQuantizer(QuantDescriptor(dynamic_amax=True))
+    want = torch.fake_quantize_per_tensor_affine(x, float(x.abs().max() / 127), 0, -128, 127)
+    assert torch.equal(dynamic(x), want) and dynamic.amax is None  # nothing stored
+    w = torch.randn(4, 3, 3, 3)
+    per_channel = TensorQuantizer(QuantDescriptor(axis=0, dynamic_amax=True))
+    step = w.abs().amax(dim=(1, 2, 3)) / 127
+    want = torch.fake_quantize_per_channel_affine(w, step, torch.zeros(4, dtype=torch.int32), 0, -128, 127)
+    assert torch.equal(per_channel(w), want)
+    assert torch.equal(dynamic(torch.zeros(3)), torch.zeros(3))  # all-zero data quantizes to 0, no NaN
+    dynamic.amax = 1.0  # a stored amax wins, as in the original
+    assert float(dynamic(torch.tensor([3.0]))) == 1.0
+    for bad in (dict(learn_amax=True), dict(amax=1.0)):
+        with pytest.raises(ValueError, match=r"dynamic_amax=True takes amax from each tensor"):
+            QuantDescriptor(dynamic_amax=True, **bad)
+
+
+def test_scale_amax_multiplies_amax_where_it_is_used():
+    x = torch.linspace(-3, 3, 41)
+    q = TensorQuantizer(QuantDescriptor(amax=1.0, scale_amax=2.0))
+    assert torch.equal(q(x), fake_quantize(x, 2.0, narrow_range=False)) and float(q.amax) == 1.0
+    dynamic = TensorQuantizer(QuantDescriptor(dynamic_amax=True, scale_amax=0.5))
+    assert torch.equal(dynamic(x), fake_quantize(x, 1.5, narrow_range=False))
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match=r"scale_amax must be None or a positive finite number"):
+            QuantDescriptor(scale_amax=bad)
+
+
+@pytest.mark.parametrize("desc", [
+    QuantDescriptor(),
+    QuantDescriptor(num_bits=4, axis=(0, 2), unsigned=True, narrow_range=True, calib_method="max", name="w"),
+    QuantDescriptor(axis=0, amax=[0.1, 0.25, 3.0]),
+    QuantDescriptor(amax=[[0.5], [1.5]], learn_amax=True, fake_quant=False, scale_amax=1.25),
+    QuantDescriptor(calib_method="histogram", dynamic_amax=True),
+])
+def test_descriptor_yaml_round_trip(desc):
+    text = desc.to_yaml()
+    assert isinstance(text, str) and QuantDescriptor.from_yaml(text) == desc
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['bits'\]"):
+        QuantDescriptor.from_yaml(text + "bits: 8\n")
+
+
+def test_grid_setters_reset_the_calibrator_and_ask_for_calibration():
+    q = TensorQuantizer(QuantDescriptor(calib_method="histogram", name="act"))
+    q.calibrator = q.new_calibrator(histogram=True, num_bins=64)
+    q.calibrator.collect(torch.randn(100))
+    q.amax = 2.0
+    with pytest.warns(UserWarning, match=r"'act': num_bits=4 changes the grid from \[-128, 127\] to \[-8, 7\].*calibrate again"):
+        q.num_bits = 4
+    assert (q.num_bits, q.quant_desc.num_bits, q.quant_max) == (4, 4, 7)
+    assert q.calibrator.counts is None and q.calibrator.num_bins == 64 and q.calibrator.num_bits == 4
+    with pytest.warns(UserWarning, match=r"unsigned=True changes the grid"):
+        q.unsigned = True
+    assert q.calibrator.unsigned and q.quant_desc.unsigned and q.quant_min == 0
+    q.calibrator.collect(torch.rand(10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.narrow_range = True  # unsigned: the grid [0, 15] does not change, so no warning
+    assert q.calibrator.counts is None and q.quant_desc.narrow_range
+    with pytest.raises(ValueError, match=r"num_bits must be an int in 2\.\.16, got 1"):
+        q.num_bits = 1
+    with pytest.raises(ValueError, match=r"'act': unsigned must be True or False, got 1"):
+        q.unsigned = 1
+    assert q.num_bits == 4 and q.unsigned is True
+
+
+def test_load_calib_amax_strict_false_skips_a_calibrator_without_data():
+    q = TensorQuantizer(QuantDescriptor(name="spare"))
+    with pytest.raises(RuntimeError, match=r"'spare': its calibrator saw no data"):
+        q.load_calib_amax()
+    with pytest.warns(UserWarning, match=r"saw no data.*amax left as it was"):
+        assert q.load_calib_amax(strict=False) is None
+    q.amax = 3.0
+    with pytest.warns(UserWarning):
+        assert float(q.load_calib_amax(strict=False)) == 3.0

@@ -8,7 +8,7 @@ r"""fusionlib.quant: a quantization toolkit rebuilt from NVIDIA's pytorch-quanti
 * :mod:`~fusionlib.quant.tensor_quantizer` — ``TensorQuantizer`` (with torch's kernels in export mode).
 * :mod:`~fusionlib.quant.modules` — ``QuantConv2d``, ``QuantLinear``, ... (float subclasses with input / weight quantizers).
 * :mod:`~fusionlib.quant.patching` — ``initialize`` / ``deactivate`` / ``enable_quantization`` (monkey patching torch.nn).
-* :mod:`~fusionlib.quant.ptq` — ``calibrate``, ``layer_sensitivity``, ``quantize_model`` (post-training quantization).
+* :mod:`~fusionlib.quant.ptq` — ``calibrate``, ``calibrate_weights``, ``layer_sensitivity``, ``quantize_model`` (post-training quantization).
 * :mod:`~fusionlib.quant.qat` — ``QATConvBn2d``, ``prepare_qat``, ``export_folded`` (quantization-aware training).
 * :mod:`~fusionlib.quant.lowering` — ``lowering_problem``: whether a quantizer can become int8 kernels or ONNX Q/DQ.
 * :mod:`~fusionlib.quant.int8` — ``convert_int8`` to torch's int8 CPU kernels; import it explicitly
@@ -20,7 +20,9 @@ from fusionlib.quant.descriptor import (
     QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW,
     QUANT_DESC_8BIT_PER_TENSOR,
     QUANT_DESC_UNSIGNED_8BIT_PER_TENSOR,
@@ -28,6 +30,7 @@ from fusionlib.quant.descriptor import (
 )
 from fusionlib.quant.functional import (
     FakeQuantizeFunction,
+    amax_along,
     amax_shape_for,
     check_amax,
     check_axis,
@@ -38,18 +41,28 @@ from fusionlib.quant.functional import (
     quant_min,
     quant_scale,
     quantize,
+    reduce_amax,
     step_size,
 )
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 from fusionlib.quant.modules import (
     QUANT_MODULES,
+    QuantAdaptiveAvgPool1d,
     QuantAdaptiveAvgPool2d,
+    QuantAdaptiveAvgPool3d,
+    QuantAvgPool1d,
     QuantAvgPool2d,
+    QuantAvgPool3d,
     QuantConv1d,
     QuantConv2d,
     QuantConv3d,
+    QuantConvTranspose1d,
     QuantConvTranspose2d,
+    QuantConvTranspose3d,
     QuantLinear,
+    QuantMaxPool1d,
+    QuantMaxPool2d,
+    QuantMaxPool3d,
     QuantMixin,
     is_quant_module,
 )
@@ -68,6 +81,7 @@ from fusionlib.quant.ptq import (
     LayerSensitivity,
     SensitivityReport,
     calibrate,
+    calibrate_weights,
     disabled_quantizers,
     keep_float,
     layer_sensitivity,
@@ -90,6 +104,8 @@ __all__ = [
     "fake_quantize",
     "FakeQuantizeFunction",
     "amax_shape_for",
+    "amax_along",
+    "reduce_amax",
     "check_num_bits",
     "check_amax",
     "check_axis",
@@ -102,7 +118,9 @@ __all__ = [
     "QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL",
     "QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL",
     "QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW",
+    "QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL",
     "QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL",
+    "QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL",
     # calibrators
     "MaxCalibrator",
     "HistogramCalibrator",
@@ -114,10 +132,19 @@ __all__ = [
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
+    "QuantConvTranspose1d",
     "QuantConvTranspose2d",
+    "QuantConvTranspose3d",
     "QuantLinear",
+    "QuantMaxPool1d",
+    "QuantMaxPool2d",
+    "QuantMaxPool3d",
+    "QuantAvgPool1d",
     "QuantAvgPool2d",
+    "QuantAvgPool3d",
+    "QuantAdaptiveAvgPool1d",
     "QuantAdaptiveAvgPool2d",
+    "QuantAdaptiveAvgPool3d",
     "QUANT_MODULES",
     "is_quant_module",
     # monkey patching
@@ -136,6 +163,7 @@ __all__ = [
     "disabled_quantizers",
     "keep_float",
     "calibrate",
+    "calibrate_weights",
     "load_calib_amax",
     "LayerSensitivity",
     "SensitivityReport",

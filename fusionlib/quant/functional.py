@@ -73,7 +73,7 @@ optimizer's learning rate here.
 Public names: :func:`quant_max`, :func:`quant_min`, :func:`quant_scale`,
 :func:`step_size`, :func:`quantize`, :func:`dequantize`,
 :func:`fake_quantize`, :class:`FakeQuantizeFunction`, :func:`amax_shape_for`,
-and the checks :func:`check_num_bits`, :func:`check_amax`, :func:`check_axis`.
+:func:`reduce_amax`, :func:`amax_along`, and the checks :func:`check_num_bits`, :func:`check_amax`, :func:`check_axis`.
 """
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ __all__ = [
     "check_num_bits",
     "check_amax",
     "check_axis",
+    "reduce_amax",
+    "amax_along",
     "as_amax_tensor",
     "compute_dtype",
     "AMAX_EPSILON",
@@ -157,6 +159,33 @@ def amax_shape_for(x_shape: Sequence[int], axis: int | Sequence[int] | None) -> 
     if axes is None:
         return ()
     return tuple(s if d in axes else 1 for d, s in enumerate(x_shape))
+
+
+def reduce_amax(x: torch.Tensor, axis: int | Sequence[int] | None = None, keepdims: bool = True) -> torch.Tensor:
+    """``max |x|`` over the dimensions ``axis`` (pytorch-quantization's ``reduce_amax``), without gradient.
+
+    ``axis`` names the dimensions *reduced* (not kept, unlike a descriptor's
+    ``axis``); None reduces all of them to a 0-d tensor, as the original does.
+    ``keepdims=True`` keeps each reduced dimension as a 1, so the result
+    broadcasts against ``x``: ``reduce_amax(w, axis=(1, 2, 3))`` is ``[C, 1, 1, 1]``.
+    """
+    with torch.no_grad():
+        if axis is None:
+            return x.abs().amax()
+        return x.abs().amax(dim=check_axis(axis, x.dim()), keepdim=keepdims)
+
+
+def amax_along(x: torch.Tensor, axis: int | Sequence[int] | None) -> torch.Tensor:
+    """``max |x|`` per index along ``axis`` (a descriptor's axis: kept), shaped ``amax_shape_for(x.shape, axis)``.
+
+    ``axis=None``: one 0-d amax for the whole tensor. The reduction a max
+    calibrator and a dynamic-amax quantizer share.
+    """
+    axes = check_axis(axis, x.dim())
+    if axes is None:
+        return reduce_amax(x)
+    reduce = tuple(d for d in range(x.dim()) if d not in axes)
+    return reduce_amax(x, reduce) if reduce else x.detach().abs()
 
 
 def as_amax_tensor(amax: AmaxLike, device: torch.device | None = None) -> torch.Tensor:
@@ -287,10 +316,16 @@ def quantize(
 ) -> torch.Tensor:
     """The integers ``clamp(round(x · quant_scale), qmin, qmax)`` (no gradient trick).
 
-    Computed and returned in float32 (float64 for float64 ``x``): see "Precision" in the module docstring.
+    ``unsigned=True`` refuses negative ``x`` (ValueError "negative values
+    encountered"), as pytorch-quantization does: an unsigned grid for data
+    that is not would hide the mistake in the clamp. (:func:`fake_quantize`
+    clamps them to 0: that is its grid.) Computed and returned in float32 (float64 for float64 ``x``): see "Precision" in the module docstring.
     ``axis``: where a flat per-channel ``amax`` goes (:func:`check_amax`).
     """
     amax_t, qmin, qmax = _prepare(x, amax, num_bits, unsigned, narrow_range, axis)
+    if unsigned and bool((x < 0).any()):
+        raise ValueError(f"quantize(unsigned=True): negative values encountered (min {float(x.min()):.4g}); an unsigned "
+                         "grid holds only x >= 0: use unsigned=False, or fake_quantize, which clamps them to 0")
     dtype = compute_dtype(x)
     qs, _ = _scales(amax_t.detach(), qmax, dtype)
     return _quantize_unchecked(x.detach().to(dtype), qs, qmin, qmax)

@@ -10,6 +10,8 @@ is the one place that decides; :func:`fusionlib.quant.int8.convert_int8` and
 quantizer                      ``"int8"``: torch's x86 kernels               ``"qdq"``: ONNX (opset 17)
 =============================  ===========================================  ==================================
 disabled / quantization off    no: an int8 model quantizes every tensor      yes: exported as the identity
+dynamic amax (none stored)     no: kernels take a scale fixed in advance     no: the scale is a constant
+``scale_amax`` given           no: amax · scale_amax is an experiment        no
 no amax, or still calibrating  no                                            no
 ``fake_quant=False``           no: it outputs integers, not ``x̂``            no
 bits                           activations 8; weights 2..8                  8
@@ -52,6 +54,10 @@ def lowering_problem(q: TensorQuantizer, target: Target, *, weight: bool) -> str
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if q.disabled or not q.quant_enabled:
         return "disabled or not quantizing (an int8 model quantizes every tensor)" if target == "int8" else None
+    if q.dynamic_amax and q.amax is None:
+        return "dynamic amax (each batch's own max |x|; calibrate to fix amax)"
+    if q.scale_amax is not None:
+        return "scale_amax set (an experiment's factor; set amax = amax * scale_amax and drop scale_amax)"
     if q.amax is None:
         return "no amax (calibrate first)"
     if q.calib_enabled:

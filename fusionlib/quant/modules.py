@@ -9,6 +9,15 @@ keeps working. It adds two child modules and changes only ``forward``::
     QuantLinear(x)  = linear(input_quantizer(x), weight_quantizer(W), b)
     QuantAvgPool2d(x) = avg_pool2d(input_quantizer(x))                         (no weight, no weight_quantizer)
 
+Convolutions (1d/2d/3d), transposed convolutions (1d/2d/3d), linear, and
+max / average / adaptive average pooling (1d/2d/3d), as pytorch-quantization.
+Its RNN layers (``QuantLSTM``) are left out: this is a course on CNNs.
+
+**Fake quantization only.** A quant layer computes on ``x̂`` and ``Ŵ``,
+values in the float's units; a descriptor with ``fake_quant=False`` (the
+integers themselves) would make a conv of unscaled integers, so quant
+layers refuse it ("only fake quantization is supported"), as the original does.
+
 With both quantizers in fake-quant mode this is what an integer engine
 computes, up to the float rounding of the accumulation: ``x̂ = q_x · Δ_x`` and
 ``Ŵ = q_W · Δ_W`` (``Δ = amax / qmax``, :func:`~fusionlib.quant.step_size`),
@@ -40,9 +49,9 @@ constructor arguments that rebuild a conv from its attributes (``padding``
 take only numbers) and :func:`float_conv` the one float ``nn.Conv2d`` built
 from another conv and new tensors; the QAT and int8 passes use both.
 
-Public names: :class:`QuantMixin`, :class:`QuantConv1d`, :class:`QuantConv2d`,
-:class:`QuantConv3d`, :class:`QuantConvTranspose2d`, :class:`QuantLinear`,
-:class:`QuantAvgPool2d`, :class:`QuantAdaptiveAvgPool2d`, ``QUANT_MODULES``
+Public names: :class:`QuantMixin`, ``QuantConv{1,2,3}d``, ``QuantConvTranspose{1,2,3}d``,
+:class:`QuantLinear`, ``QuantMaxPool{1,2,3}d``, ``QuantAvgPool{1,2,3}d``,
+``QuantAdaptiveAvgPool{1,2,3}d``, ``QUANT_MODULES``
 (float class -> quant class), :func:`is_quant_module`, :func:`conv_kwargs`, :func:`float_conv`.
 """
 from __future__ import annotations
@@ -57,7 +66,9 @@ from fusionlib.quant.descriptor import (
     QUANT_DESC_8BIT_CONV1D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONV2D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL,
+    QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL,
     QUANT_DESC_8BIT_LINEAR_WEIGHT_PER_ROW,
     QUANT_DESC_8BIT_PER_TENSOR,
     QuantDescriptor,
@@ -69,10 +80,19 @@ __all__ = [
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
+    "QuantConvTranspose1d",
     "QuantConvTranspose2d",
+    "QuantConvTranspose3d",
     "QuantLinear",
+    "QuantMaxPool1d",
+    "QuantMaxPool2d",
+    "QuantMaxPool3d",
+    "QuantAvgPool1d",
     "QuantAvgPool2d",
+    "QuantAvgPool3d",
+    "QuantAdaptiveAvgPool1d",
     "QuantAdaptiveAvgPool2d",
+    "QuantAdaptiveAvgPool3d",
     "QUANT_MODULES",
     "is_quant_module",
     "conv_kwargs",
@@ -81,8 +101,12 @@ __all__ = [
 
 
 def _check_descriptor(value: Any, what: str) -> QuantDescriptor:
+    """``value`` if it is a fake-quant QuantDescriptor (see "Fake quantization only"), else an error naming ``what``."""
     if not isinstance(value, QuantDescriptor):
         raise TypeError(f"{what} must be a QuantDescriptor, got {type(value).__name__} {value!r}")
+    if not value.fake_quant:
+        raise ValueError(f"{what} has fake_quant=False: only fake quantization is supported in quantized layers "
+                         "(a layer computing on the integers would be off by the scales); use fake_quant=True")
     return value
 
 
@@ -255,26 +279,44 @@ class QuantConv3d(_QuantConvMixin, nn.Conv3d):
     default_quant_desc_weight = QUANT_DESC_8BIT_CONV3D_WEIGHT_PER_CHANNEL
 
 
-class QuantConvTranspose2d(_QuantConvMixin, nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` with ``input_quantizer`` and ``weight_quantizer`` (per channel along axis 1).
+class _QuantConvTransposeMixin(_QuantConvMixin):
+    """A transposed conv: weight ``[C_in, C_out/groups, k...]``, so its output channels are axis 1."""
 
-    The weight is ``[C_in, C_out/groups, k, k]``, so its output channels are axis 1.
-    """
-
-    _float_module = nn.ConvTranspose2d
     _float_args = _CONV_ARGS + ("output_padding",)
-    default_quant_desc_weight = QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL
+    _dims: ClassVar[int]
 
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            raise ValueError(f"only padding_mode='zeros' is supported for ConvTranspose2d, got {self.padding_mode!r}")
+            raise ValueError(f"only padding_mode='zeros' is supported for {type(self).__name__}, got {self.padding_mode!r}")
         output_padding = self._output_padding(
-            input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+            input, output_size, self.stride, self.padding, self.kernel_size, self._dims, self.dilation
         )
-        return F.conv_transpose2d(
+        conv_transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._dims - 1]
+        return conv_transpose(
             self.input_quantizer(input), self.weight_quantizer(self.weight), self.bias,
             self.stride, self.padding, output_padding, self.groups, self.dilation,
         )
+
+
+class QuantConvTranspose1d(_QuantConvTransposeMixin, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with ``input_quantizer`` and ``weight_quantizer`` (per channel along axis 1)."""
+
+    _float_module, _dims = nn.ConvTranspose1d, 1
+    default_quant_desc_weight = QUANT_DESC_8BIT_CONVTRANSPOSE1D_WEIGHT_PER_CHANNEL
+
+
+class QuantConvTranspose2d(_QuantConvTransposeMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with ``input_quantizer`` and ``weight_quantizer`` (per channel along axis 1)."""
+
+    _float_module, _dims = nn.ConvTranspose2d, 2
+    default_quant_desc_weight = QUANT_DESC_8BIT_CONVTRANSPOSE2D_WEIGHT_PER_CHANNEL
+
+
+class QuantConvTranspose3d(_QuantConvTransposeMixin, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with ``input_quantizer`` and ``weight_quantizer`` (per channel along axis 1)."""
+
+    _float_module, _dims = nn.ConvTranspose3d, 3
+    default_quant_desc_weight = QUANT_DESC_8BIT_CONVTRANSPOSE3D_WEIGHT_PER_CHANNEL
 
 
 # ---------------------------------------------------------------------- linear
@@ -304,25 +346,70 @@ class _QuantPoolMixin(QuantMixin):
         return super().forward(self.input_quantizer(input))
 
 
+_MAX_POOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
+_AVG_POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+
+
+class QuantMaxPool1d(_QuantPoolMixin, nn.MaxPool1d):
+    """``nn.MaxPool1d`` with an ``input_quantizer`` (8-bit per tensor)."""
+
+    _float_module, _float_args = nn.MaxPool1d, _MAX_POOL_ARGS
+
+
+class QuantMaxPool2d(_QuantPoolMixin, nn.MaxPool2d):
+    """``nn.MaxPool2d`` with an ``input_quantizer`` (8-bit per tensor)."""
+
+    _float_module, _float_args = nn.MaxPool2d, _MAX_POOL_ARGS
+
+
+class QuantMaxPool3d(_QuantPoolMixin, nn.MaxPool3d):
+    """``nn.MaxPool3d`` with an ``input_quantizer`` (8-bit per tensor)."""
+
+    _float_module, _float_args = nn.MaxPool3d, _MAX_POOL_ARGS
+
+
+class QuantAvgPool1d(_QuantPoolMixin, nn.AvgPool1d):
+    """``nn.AvgPool1d`` with an ``input_quantizer`` (8-bit per tensor)."""
+
+    _float_module, _float_args = nn.AvgPool1d, _AVG_POOL_ARGS
+
+
 class QuantAvgPool2d(_QuantPoolMixin, nn.AvgPool2d):
     """``nn.AvgPool2d`` with an ``input_quantizer`` (8-bit per tensor)."""
 
-    _float_module = nn.AvgPool2d
-    _float_args = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+    _float_module, _float_args = nn.AvgPool2d, _AVG_POOL_ARGS + ("divisor_override",)
+
+
+class QuantAvgPool3d(_QuantPoolMixin, nn.AvgPool3d):
+    """``nn.AvgPool3d`` with an ``input_quantizer`` (8-bit per tensor)."""
+
+    _float_module, _float_args = nn.AvgPool3d, _AVG_POOL_ARGS + ("divisor_override",)
+
+
+class QuantAdaptiveAvgPool1d(_QuantPoolMixin, nn.AdaptiveAvgPool1d):
+    """``nn.AdaptiveAvgPool1d`` with an ``input_quantizer`` (8-bit per tensor)."""
+
+    _float_module, _float_args = nn.AdaptiveAvgPool1d, ("output_size",)
 
 
 class QuantAdaptiveAvgPool2d(_QuantPoolMixin, nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d`` with an ``input_quantizer`` (8-bit per tensor)."""
 
-    _float_module = nn.AdaptiveAvgPool2d
-    _float_args = ("output_size",)
+    _float_module, _float_args = nn.AdaptiveAvgPool2d, ("output_size",)
+
+
+class QuantAdaptiveAvgPool3d(_QuantPoolMixin, nn.AdaptiveAvgPool3d):
+    """``nn.AdaptiveAvgPool3d`` with an ``input_quantizer`` (8-bit per tensor)."""
+
+    _float_module, _float_args = nn.AdaptiveAvgPool3d, ("output_size",)
 
 
 #: Float class -> its quant class (the original torch classes, captured when this module was imported).
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     cls._float_module: cls
-    for cls in (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose2d, QuantLinear, QuantAvgPool2d,
-                QuantAdaptiveAvgPool2d)
+    for cls in (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
+                QuantConvTranspose3d, QuantLinear, QuantMaxPool1d, QuantMaxPool2d, QuantMaxPool3d, QuantAvgPool1d,
+                QuantAvgPool2d, QuantAvgPool3d, QuantAdaptiveAvgPool1d, QuantAdaptiveAvgPool2d, QuantAdaptiveAvgPool3d)
 }
 
 

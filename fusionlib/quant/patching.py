@@ -20,7 +20,7 @@ still names the float class, so build such code after the patch or use
 **Sites.** torch exposes each class under several names: ``torch.nn.Conv2d``,
 ``torch.nn.modules.Conv2d`` and the defining ``torch.nn.modules.conv.Conv2d``
 are one object. :data:`QUANT_MODULE_MAPPING` lists every such (module,
-name, replacement) site for the seven classes of :mod:`fusionlib.quant.modules`,
+name, replacement) site for the sixteen classes of :mod:`fusionlib.quant.modules`,
 so a lookup through any of them finds the quant class.
 
 **Rules.**

@@ -9,7 +9,10 @@ picks each quantizer's ``amax`` from data, with no training::
     for batch in batches: model(batch)                        (each quantizer's calibrator collects |x|)
     for every quantizer:  amax = calibrator's choice; calibration off, quantization back on
 
-That is :func:`calibrate`. Which calibrator decides ``amax``:
+That is :func:`calibrate`. :func:`calibrate_weights` is the data-free
+half: every weight quantizer from its weight alone (``"max"``,
+``"percentile"`` or ``"mse"``, per channel or per tensor), as
+pytorch-quantization's ``calibrate_weights``. Which calibrator decides ``amax``:
 
 * ``method="max"`` — every quantizer uses a :class:`~fusionlib.quant.MaxCalibrator`
   (``amax = max |x|``, per channel where the quantizer has an ``axis``).
@@ -49,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -60,6 +64,7 @@ from fusionlib.display import format_table, progress as progress_bar
 from fusionlib.modules import carry_forward_hooks, eval_mode
 from fusionlib.quant.calibrators import HISTOGRAM_METHODS, HistogramCalibrator, MaxCalibrator
 from fusionlib.quant.descriptor import QuantDescriptor
+from fusionlib.quant.functional import amax_shape_for, check_axis
 from fusionlib.quant.modules import QUANT_MODULES, QuantMixin
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 
@@ -71,6 +76,8 @@ __all__ = [
     "disabled_quantizers",
     "keep_float",
     "calibrate",
+    "calibrate_weights",
+    "CALIBRATE_WEIGHT_METHODS",
     "load_calib_amax",
     "LayerSensitivity",
     "SensitivityReport",
@@ -80,6 +87,8 @@ __all__ = [
 
 #: What :func:`calibrate` accepts as ``method``.
 CALIBRATE_METHODS: tuple[str, ...] = ("max",) + tuple(HISTOGRAM_METHODS)
+#: What :func:`calibrate_weights` accepts as ``method`` (the original's three).
+CALIBRATE_WEIGHT_METHODS: tuple[str, ...] = ("max", "percentile", "mse")
 _HISTOGRAM_OPTIONS = ("percentile", "start_bin", "stride")
 
 
@@ -167,9 +176,7 @@ def _uses_histogram(q: TensorQuantizer, method: str, weight_ids: set[int]) -> bo
 
 
 def _fresh_calibrator(q: TensorQuantizer, method: str, num_bins: int, weight_ids: set[int]):
-    if _uses_histogram(q, method, weight_ids):
-        return HistogramCalibrator(q.num_bits, None, q.unsigned, num_bins=num_bins)
-    return MaxCalibrator(q.num_bits, q.axis, q.unsigned)
+    return q.new_calibrator(_uses_histogram(q, method, weight_ids), num_bins)
 
 
 def _required_inputs(model: nn.Module) -> int:
@@ -208,18 +215,27 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 def _load_all_amax(named: dict[str, TensorQuantizer], method: str, kwargs: dict[str, Any],
-                   weight_ids: set[int]) -> dict[str, torch.Tensor]:
-    """``load_calib_amax`` on every quantizer, all or nothing: on any error every amax is put back."""
+                   weight_ids: set[int], strict: bool = True) -> dict[str, torch.Tensor]:
+    """``load_calib_amax`` on every quantizer, all or nothing: on any error every amax is put back.
+
+    A quantizer whose calibrator saw no data is an error, or with ``strict=False`` skipped (named in a warning).
+    """
     saved = {name: (None if q.amax is None else q.amax.detach().clone()) for name, q in named.items()}
     try:
         unused = [name for name, q in named.items() if _calibrator_is_empty(q.calibrator)]
-        if unused:
+        shown = f"{unused[:5]}" + (" ..." if len(unused) > 5 else "")
+        if unused and strict:
             raise ValueError(
-                f"{len(unused)} quantizer(s) saw no data during calibration: {unused[:5]}"
-                + (" ..." if len(unused) > 5 else "") + ". Their layers are not called by forward() on these "
-                "batches; disable them (quantizer.disable()) or keep those layers float (keep_float)")
+                f"{len(unused)} quantizer(s) saw no data during calibration: {shown}. Their layers are not called "
+                "by forward() on these batches; disable them (quantizer.disable()) or keep those layers float "
+                "(keep_float), or pass strict=False to skip them")
+        if unused:
+            warnings.warn(f"load_calib_amax(strict=False) skips {len(unused)} quantizer(s) that saw no data: {shown}",
+                          stacklevel=3)
         out = {}
         for name, q in named.items():
+            if name in unused:
+                continue
             if _uses_histogram(q, method, weight_ids):
                 out[name] = q.load_calib_amax(method, **kwargs)
             else:
@@ -231,14 +247,10 @@ def _load_all_amax(named: dict[str, TensorQuantizer], method: str, kwargs: dict[
         raise
 
 
-def _calibrator_is_empty(calibrator: Any) -> bool:
-    try:
-        if isinstance(calibrator, HistogramCalibrator):
-            return calibrator.range_max is None
-        calibrator.compute_amax()
-        return False
-    except RuntimeError:
-        return True
+def _calibrator_is_empty(calibrator: MaxCalibrator | HistogramCalibrator) -> bool:
+    if isinstance(calibrator, HistogramCalibrator):
+        return calibrator.counts is None
+    return calibrator.compute_amax() is None
 
 
 def _restore_amax(q: TensorQuantizer, old: torch.Tensor | None) -> None:
@@ -308,7 +320,7 @@ def calibrate(
             q.enable_calib() if calib_on else q.disable_calib()
 
 
-def load_calib_amax(model: nn.Module, method: str = "max", **kwargs: Any) -> dict[str, torch.Tensor]:
+def load_calib_amax(model: nn.Module, method: str = "max", strict: bool = True, **kwargs: Any) -> dict[str, torch.Tensor]:
     """Recompute every enabled quantizer's amax from the statistics its calibrator holds (no pass over data).
 
     After ``calibrate(model, batches, "percentile")`` the activations hold
@@ -316,6 +328,7 @@ def load_calib_amax(model: nn.Module, method: str = "max", **kwargs: Any) -> dic
     same histograms (weight quantizers reload their max). A histogram
     method needs histogram calibrators (calibrate with a histogram method
     first); ``"max"`` needs max calibrators. All or nothing, like :func:`calibrate`.
+    ``strict=False`` skips (and names in a warning) quantizers whose calibrator saw no data.
     """
     named = _require_quantizers(model, "load_calib_amax")
     _check_method(method, kwargs)
@@ -328,7 +341,65 @@ def load_calib_amax(model: nn.Module, method: str = "max", **kwargs: Any) -> dic
         raise ValueError(f"load_calib_amax(method={method!r}) needs {kind} calibrators on the activation quantizers, "
                          f"but {wrong[:3]}{' ...' if len(wrong) > 3 else ''} hold another kind; run "
                          f"calibrate(model, batches, {method!r}) instead")
-    return _load_all_amax(active, method, kwargs, weight_ids)
+    return _load_all_amax(active, method, kwargs, weight_ids, strict)
+
+
+def _weight_amax(weight: torch.Tensor, q: TensorQuantizer, method: str, axis: tuple[int, ...] | None,
+                 percentile: float, num_bins: int) -> torch.Tensor:
+    """What ``q``'s own calibrator gives on ``weight``: a MaxCalibrator along ``axis``, or one histogram per channel."""
+    if method == "max":
+        calibrator = MaxCalibrator(q.num_bits, axis, q.unsigned)
+        calibrator.collect(weight)
+        return calibrator.compute_amax()
+    w = weight.detach()
+    if axis is None:
+        channels = w.reshape(1, -1)
+    else:  # one row per index along the kept axes, in amax_shape_for's order
+        kept = check_axis(axis, w.dim())
+        rest = [d for d in range(w.dim()) if d not in kept]
+        channels = w.permute(*kept, *rest).reshape(math.prod(w.shape[d] for d in kept), -1)
+    amax = []
+    for values in channels:
+        calibrator = HistogramCalibrator(q.num_bits, None, q.unsigned, num_bins=num_bins)
+        calibrator.collect(values)
+        amax.append(calibrator.compute_amax(method, percentile=percentile))
+    return torch.stack(amax).reshape(amax_shape_for(w.shape, axis))
+
+
+def calibrate_weights(model: nn.Module, method: str = "percentile", perchannel: bool = True,
+                      percentile: float = 99.99, num_bins: int = 2048) -> dict[str, torch.Tensor]:
+    """Set every enabled weight quantizer's amax from its weight alone: no data, no forward pass.
+
+    ``method``: ``"max"`` (``max |W|``), ``"percentile"`` (``percentile`` of
+    ``|W|``) or ``"mse"`` (the amax minimizing the weight's fake-quantization
+    error), each what the quantizer's own calibrator (:class:`MaxCalibrator`,
+    :class:`HistogramCalibrator` with ``num_bins``) gives; per channel along
+    the quantizer's ``axis`` (``perchannel=True``: one histogram per channel)
+    or per tensor (``perchannel=False``). pytorch-quantization's name,
+    arguments and default. Every amax is computed before any is set; an
+    all-zero channel gets amax 1 (:meth:`TensorQuantizer.load_amax`).
+    Returns ``{quantizer name: amax}``.
+    """
+    if method not in CALIBRATE_WEIGHT_METHODS:
+        raise ValueError(f"calibrate_weights: method must be one of {list(CALIBRATE_WEIGHT_METHODS)}, got {method!r}")
+    layers = {name: m for name, m in quant_layers(model).items()
+              if "weight_quantizer" in m.quantizer_names and not m.weight_quantizer.disabled}
+    folded = [name for name, m in layers.items() if not isinstance(getattr(m, "weight", None), torch.Tensor)]
+    if folded:
+        raise ValueError(f"calibrate_weights: the weight quantizers of {folded[:3]} do not quantize the layer's own "
+                         "weight (QATConvBn2d quantizes the BatchNorm-folded weight); calibrate them with calibrate()")
+    weights = {f"{name}.weight_quantizer": (m.weight, m.weight_quantizer) for name, m in layers.items()}
+    if not weights:
+        raise ValueError(f"calibrate_weights: {type(model).__name__} has no enabled weight quantizer")
+    per_tensor = [name for name, (_, q) in weights.items() if perchannel and q.axis is None]
+    if per_tensor:
+        raise ValueError(f"calibrate_weights(perchannel=True): {per_tensor[:3]} quantize per tensor (axis=None); "
+                         "pass perchannel=False, or build them with a per-channel descriptor")
+    amax = {name: _weight_amax(w, q, method, q.axis if perchannel else None, percentile, num_bins)
+            for name, (w, q) in weights.items()}
+    for name, (_, q) in weights.items():
+        q.load_amax(amax[name])
+    return {name: q.amax for name, (_, q) in weights.items()}
 
 
 # ---------------------------------------------------------------------- per-layer sensitivity

@@ -7,6 +7,19 @@ Built from a :class:`~fusionlib.quant.QuantDescriptor`. ``forward(x)``::
     quantization on     -> fake_quantize(x, amax, ...)        (fake_quant=True, the default)
                            quantize(x, amax, ...)             (fake_quant=False: the integers)
 
+where ``amax`` is the calibrated (or set) amax, times ``scale_amax`` when the
+descriptor gives one. Without an amax, forward raises "calibrate first",
+unless the descriptor says ``dynamic_amax=True``: then each tensor's own
+``reduce_amax(x)`` over the dimensions not in ``axis`` is used (as
+pytorch-quantization does), and nothing can lower such a quantizer to int8
+or Q/DQ (:func:`~fusionlib.quant.lowering.lowering_problem`).
+
+**Changing the grid.** ``num_bits``, ``unsigned`` and ``narrow_range`` have
+setters. Each validates, updates ``quant_desc``, installs a fresh calibrator
+of the same kind (its statistics belong to the old grid), and, where the
+grid ``[qmin, qmax]`` changes while an amax is set, warns that amax must be
+calibrated again.
+
 ``amax`` lives in the buffer ``_amax``, so ``state_dict()`` saves it and
 ``load_state_dict`` restores it (checked like any amax), even into a fresh
 quantizer whose amax is still unset. With ``learn_amax=True`` it is an
@@ -49,8 +62,10 @@ from fusionlib.quant.calibrators import HistogramCalibrator, MaxCalibrator
 from fusionlib.quant.descriptor import QUANT_DESC_8BIT_PER_TENSOR, QuantDescriptor
 from fusionlib.quant.functional import (
     AMAX_EPSILON,
+    amax_along,
     check_amax,
     check_axis,
+    check_num_bits,
     fake_quantize,
     quant_max,
     quant_min,
@@ -83,14 +98,13 @@ class TensorQuantizer(nn.Module):
         self._narrow_range = quant_desc.narrow_range
         self._learn_amax = quant_desc.learn_amax
         self._fake_quant = quant_desc.fake_quant
+        self._dynamic_amax = quant_desc.dynamic_amax
+        self._scale_amax = quant_desc.scale_amax
         self.name = quant_desc.name
         self._disabled = bool(disabled)
         self._if_quant = bool(if_quant)
         self._if_calib = bool(if_calib)
-        if quant_desc.calib_method == "histogram":
-            self.calibrator = HistogramCalibrator(self._num_bits, None, self._unsigned)
-        else:
-            self.calibrator = MaxCalibrator(self._num_bits, self._axis, self._unsigned)
+        self.calibrator = self.new_calibrator(histogram=quant_desc.calib_method == "histogram")
         if self._learn_amax:  # a parameter now (empty: unset), so an optimizer built before calibration sees it
             self._amax = nn.Parameter(torch.empty(0))
         else:
@@ -98,16 +112,40 @@ class TensorQuantizer(nn.Module):
         if quant_desc.amax is not None:
             self.amax = quant_desc.amax
 
-    # ---- read-only views of the descriptor ------------------------------------------------
-    num_bits = property(lambda self: self._num_bits)
+    def new_calibrator(self, histogram: bool, num_bins: int = 2048) -> MaxCalibrator | HistogramCalibrator:
+        """An empty calibrator for this quantizer's grid: a histogram (per tensor) or a max (along ``axis``)."""
+        if histogram:
+            return HistogramCalibrator(self._num_bits, None, self._unsigned, num_bins=num_bins)
+        return MaxCalibrator(self._num_bits, self._axis, self._unsigned)
+
+    # ---- views of the descriptor; the grid's three have setters --------------------------
+    num_bits = property(lambda self: self._num_bits,
+                        lambda self, value: self._change_grid("num_bits", check_num_bits(value)))
+    unsigned = property(lambda self: self._unsigned, lambda self, value: self._change_grid("unsigned", value))
+    narrow_range = property(lambda self: self._narrow_range,
+                            lambda self, value: self._change_grid("narrow_range", value))
     axis = property(lambda self: self._axis)
-    unsigned = property(lambda self: self._unsigned)
-    narrow_range = property(lambda self: self._narrow_range)
     learn_amax = property(lambda self: self._learn_amax)
+    dynamic_amax = property(lambda self: self._dynamic_amax)
+    scale_amax = property(lambda self: self._scale_amax)
     fake_quant = property(lambda self: self._fake_quant)
     disabled = property(lambda self: self._disabled)
     quant_enabled = property(lambda self: self._if_quant)
     calib_enabled = property(lambda self: self._if_calib)
+
+    def _change_grid(self, field: str, value) -> None:
+        """Set ``num_bits`` / ``unsigned`` / ``narrow_range``: new descriptor, fresh calibrator, a warning if amax is stale."""
+        if field != "num_bits" and not isinstance(value, bool):
+            raise ValueError(f"{self._who()}: {field} must be True or False, got {value!r}")
+        old_grid = (self.quant_min, self.quant_max)
+        self.quant_desc = self.quant_desc.replace(**{field: value})
+        setattr(self, f"_{field}", value)
+        old = self.calibrator
+        self.calibrator = self.new_calibrator(isinstance(old, HistogramCalibrator), getattr(old, "num_bins", 2048))
+        if (self.quant_min, self.quant_max) != old_grid and self.amax is not None:
+            warnings.warn(f"{self._who()}: {field}={value!r} changes the grid from [{old_grid[0]}, {old_grid[1]}] "
+                          f"to [{self.quant_min}, {self.quant_max}]; amax was chosen for the old grid: calibrate "
+                          "again", stacklevel=4)
 
     @property
     def quant_max(self) -> int:
@@ -170,11 +208,13 @@ class TensorQuantizer(nn.Module):
     def reset_calib(self) -> None:
         self.calibrator.reset()
 
-    def load_calib_amax(self, method: str | None = None, **kwargs) -> torch.Tensor:
+    def load_calib_amax(self, method: str | None = None, strict: bool = True, **kwargs) -> torch.Tensor | None:
         """Set amax from the calibrator: ``method`` None (or "max") for max, "percentile"/"mse"/"entropy" for histogram.
 
-        An all-zero channel (amax <= 2^-24, ``AMAX_EPSILON``, as in ``check_amax``) gets amax 1: its data
-        then quantizes to zero, as an amax that small would. Returns the new amax.
+        A calibrator that saw no data is a RuntimeError, or with
+        ``strict=False`` a warning, the amax left as it was. An all-zero
+        channel (amax <= 2^-24, ``AMAX_EPSILON``, as in ``check_amax``) gets amax 1: its data
+        then quantizes to zero, as an amax that small would. Returns the (new) amax.
         """
         try:
             if isinstance(self.calibrator, MaxCalibrator):
@@ -192,13 +232,23 @@ class TensorQuantizer(nn.Module):
                 amax = self.calibrator.compute_amax(method, **kwargs)
         except RuntimeError as err:
             raise RuntimeError(f"{self._who()}: {err}") from None
+        if amax is None:
+            message = f"{self._who()}: its calibrator saw no data (enable_calib() and run batches first)"
+            if strict:
+                raise RuntimeError(message)
+            warnings.warn(message + "; amax left as it was (strict=False)", stacklevel=2)
+            return self.amax
+        self.load_amax(amax)
+        return self.amax
+
+    def load_amax(self, amax: torch.Tensor) -> None:
+        """Set a calibrated amax; entries <= 2^-24 (all-zero data) become 1.0, with a warning naming how many."""
         zero = amax <= AMAX_EPSILON
         if bool(zero.any()):
             warnings.warn(f"{self._who()}: {int(zero.sum())} amax entries are <= 2^-24 (all-zero data); using 1.0 "
                           "there", stacklevel=2)
             amax = torch.where(zero, torch.ones_like(amax), amax)
         self.amax = amax
-        return self.amax
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,19 +258,35 @@ class TensorQuantizer(nn.Module):
             self.calibrator.collect(x.detach())
         if not self._if_quant:
             return x
-        if self.amax is None:
-            raise RuntimeError(
-                f"{self._who()} has no amax: calibrate first or set amax (quantizer.amax = ...) before quantizing"
-            )
+        amax = self.amax_for(x)
         if self.export_mode:
-            return self._torch_fake_quant(x)
+            return self._torch_fake_quant(x, amax)
         if self._fake_quant:
-            return fake_quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range, self._learn_amax,
+            return fake_quantize(x, amax, self._num_bits, self._unsigned, self._narrow_range, self._learn_amax,
                                  self._axis)
-        return quantize(x, self._amax, self._num_bits, self._unsigned, self._narrow_range, self._axis)
+        return quantize(x, amax, self._num_bits, self._unsigned, self._narrow_range, self._axis)
 
-    def _torch_fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        amax = check_amax(self._amax, x, self._axis).to(device=x.device, dtype=torch.float32)
+    def amax_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The amax ``forward(x)`` uses: the stored one, else (``dynamic_amax``) ``x``'s own; times ``scale_amax``.
+
+        Dynamic: ``amax_along(x, axis)``: ``max |x|`` over the dimensions not in ``axis``
+        (detached, at least ``2^-24``, so all-zero data quantizes to 0).
+        Without either, RuntimeError "calibrate first".
+        """
+        amax = self.amax
+        if amax is None:
+            if not self._dynamic_amax:
+                raise RuntimeError(
+                    f"{self._who()} has no amax: calibrate first or set amax (quantizer.amax = ...) before quantizing"
+                    " (or build it with dynamic_amax=True to use each tensor's own max |x|)"
+                )
+            amax = amax_along(x, self._axis).float().clamp_min(AMAX_EPSILON)
+            if not bool(torch.isfinite(amax).all()):
+                raise ValueError(f"{self._who()}: dynamic amax of a tensor with NaN or inf values is not finite")
+        return amax if self._scale_amax is None else amax * self._scale_amax
+
+    def _torch_fake_quant(self, x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        amax = check_amax(amax, x, self._axis).to(device=x.device, dtype=torch.float32)
         qmax, qmin = self.quant_max, self.quant_min
         step = amax / qmax  # torch's "scale"
         axes = check_axis(self._axis, x.dim())
@@ -278,7 +344,7 @@ class TensorQuantizer(nn.Module):
         parts.append("per-tensor" if self._axis is None else f"per-channel axis={self._axis}")
         amax = self.amax
         if amax is None:
-            parts.append("amax=unset")
+            parts.append("amax=dynamic" if self._dynamic_amax else "amax=unset")
         elif amax.numel() == 1:
             parts.append(f"amax={float(amax.detach().reshape(())):.4f}")
         else:
@@ -286,6 +352,8 @@ class TensorQuantizer(nn.Module):
             parts.append(f"amax=[{float(a.min()):.4f}, {float(a.max()):.4f}]({a.numel()})")
         if self._learn_amax:
             parts.append("learn_amax")
+        if self._scale_amax is not None:
+            parts.append(f"scale_amax={self._scale_amax}")
         if not self._if_quant:
             parts.append("quant off")
         else:
