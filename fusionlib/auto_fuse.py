@@ -66,7 +66,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fusionlib.folding import FusionError, is_batchnorm, stock_forward_base
 from fusionlib.fusion import UnsupportedFusionError, fuse_modules, get_fuser_method
-from fusionlib.fx.fusion import FusedPair, FusionReport, SkippedBatchNorm
+from fusionlib.fx.fusion import BatchNormFoldReport, FusedPair, SkippedBatchNorm
 from fusionlib.modules import HOOK_KINDS, hook_names, set_submodule
 from fusionlib.verify import Comparison, compare_outputs
 
@@ -238,7 +238,7 @@ def record_dataflow(model: nn.Module, example_inputs: Any) -> tuple[Dataflow, An
 # --------------------------------------------------------------------------- the report
 
 @dataclass
-class AutoFuseReport(FusionReport):
+class AutoFuseReport(BatchNormFoldReport):
     """What :func:`auto_fuse` fused, what it left and why, and the verification.
 
     ``fused``: one :class:`FusedPair` per folded BatchNorm (``kind`` names the group's
@@ -248,8 +248,11 @@ class AutoFuseReport(FusionReport):
     the example inputs, in ``precision`` (float64 unless the model cannot run in it); ``as_run``: the
     returned model vs the original in the model's own dtype (informational: a detector's discrete
     outputs may flip on float32 rounding); ``seconds``: wall time of the whole call.
-    ``batchnorm_calls_before / after`` count BatchNorm *modules* (each ran once or is reported).
+    ``batchnorm_modules_before / after`` count BatchNorm *modules* in the model.
     """
+
+    batchnorm_modules_before: int = 0
+    batchnorm_modules_after: int = 0
 
     groups: list[list[str]] = field(default_factory=list)
     undone: list[tuple[list[str], str]] = field(default_factory=list)
@@ -261,7 +264,7 @@ class AutoFuseReport(FusionReport):
 
     def format(self, max_lines: int = 8) -> str:
         lines = [f"AutoFuseReport({self.model_name}): fused {self.num_fused} BatchNorm(s) in {len(self.groups)} "
-                 f"group(s); BatchNorm modules {self.batchnorm_calls_before} -> {self.batchnorm_calls_after}; "
+                 f"group(s); BatchNorm modules {self.batchnorm_modules_before} -> {self.batchnorm_modules_after}; "
                  f"{self.seconds:.2f} s, {self.module_calls} module calls recorded"]
         kinds: dict[str, int] = defaultdict(int)
         for p in self.fused:
@@ -497,7 +500,7 @@ def auto_fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
         )
 
     report = AutoFuseReport(name, module_calls=len(flow.calls))
-    report.batchnorm_calls_before = sum(1 for m in work.modules() if is_batchnorm(m))
+    report.batchnorm_modules_before = sum(1 for m in work.modules() if is_batchnorm(m))
     groups = _plan(flow, work, report)
     del flow  # let the recorded tensors go
     names = [[_name_of(work, m) for m in group] for group in groups]
@@ -574,7 +577,7 @@ def auto_fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
     report.comparison = comparison
     with torch.no_grad():
         report.as_run = _compare(reference, work(*args), rtol, "fused vs original, as run")
-    report.batchnorm_calls_after = sum(1 for m in work.modules() if is_batchnorm(m))
+    report.batchnorm_modules_after = sum(1 for m in work.modules() if is_batchnorm(m))
     report.seconds = time.perf_counter() - started
     return work, report
 

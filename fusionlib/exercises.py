@@ -62,6 +62,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from fusionlib.verify import tensor_errors
+
 __all__ = [
     "TODO",
     "ExerciseError",
@@ -250,25 +252,10 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
 
 
 def tensor_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float, tuple[int, ...]]:
-    """``(max_abs, max_rel, index of the worst element)``, with max_rel as in :mod:`fusionlib.verify`.
-
-    ``max_rel = max|a - e| / max|e|``: relative to the expected tensor's scale.
-    """
-    a = actual.detach().to("cpu", torch.float64)
-    e = expected.detach().to("cpu", torch.float64)
-    if e.numel() == 0:
-        return 0.0, 0.0, ()
-    diff = (a - e).abs()
-    diff = torch.where(a == e, torch.zeros_like(diff), diff)
-    diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)  # NaN is the worst error
-    flat = int(diff.argmax())
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
-    max_abs = float(diff.max())
-    scale = float(e.abs().max())
-    max_rel = 0.0 if max_abs == 0 else (max_abs / scale if scale > 0 else math.inf)
-    if torch.isnan(a).any():
-        max_abs = max_rel = math.nan
-    return max_abs, max_rel, index
+    """``(max_abs, max_rel, index of the worst element)`` of an answer against the expected tensor:
+    :func:`fusionlib.verify.tensor_errors` with the expected tensor as the reference
+    (``max_rel = max|a - e| / max|e|``)."""
+    return tensor_errors(expected, actual)
 
 
 def expect_close(actual: Any, expected: Any, *, name: str, rtol: float = 1e-5, hint: str = "") -> None:

@@ -8,9 +8,10 @@ For a reference output ``a`` and a candidate ``b`` (same shape)::
 
 ``max_rel`` divides by the largest reference magnitude, not element-wise:
 logits near zero would make an element-wise ratio meaningless. Both numbers
-are computed in float64. NaN anywhere in ``a - b`` fails the check.
+are computed in float64 (:func:`tensor_errors`, the one error measure). NaN
+anywhere in ``a - b`` fails the check.
 
-Outputs may be tensors or nested tuples / lists / dicts of tensors (a
+Outputs may be tensors or nested tuples / lists / dicts of tensors (``torch.utils._pytree``) (a
 detector's dict of boxes and scores, a tuple of logits and features): every
 leaf tensor is compared and the worst leaf (largest ``max_rel``) is reported.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fusionlib.display import format_table, listing
@@ -59,22 +61,30 @@ class Comparison:
         return self
 
 
-def _leaves(output: Any, path: str = "") -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs of a nested tuple / list / dict, in order ("out[0]['boxes']" style)."""
-    if isinstance(output, dict):
-        return [pair for key in sorted(output, key=repr) for pair in _leaves(output[key], f"{path}[{key!r}]")]
-    if isinstance(output, (tuple, list)):
-        return [pair for i, item in enumerate(output) for pair in _leaves(item, f"{path}[{i}]")]
-    return [(path, output)]
+def tensor_errors(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float, tuple[int, ...]]:
+    """``(max_abs, max_rel, index)`` of two same-shaped tensors: the one error measure of fusionlib.
 
-
-def _structure(output: Any) -> Any:
-    """The nesting of an output with leaves erased, to check that two outputs match."""
-    if isinstance(output, dict):
-        return ("dict", tuple((repr(key), _structure(output[key])) for key in sorted(output, key=repr)))
-    if isinstance(output, (tuple, list)):
-        return ("seq", tuple(_structure(item) for item in output))
-    return "leaf"
+    ``max_abs = max |a - b|`` and ``max_rel = max_abs / max |a|`` (``a`` the reference), in
+    float64 on the CPU; ``index`` is where ``max_abs`` is reached. Equal elements (equal
+    infinities too) are no error; a reference of zeros with a different candidate gives
+    ``max_rel = inf``. A NaN on either side makes both errors NaN, at the first NaN's index.
+    """
+    a = reference.detach().to("cpu", torch.float64)
+    b = candidate.detach().to("cpu", torch.float64)
+    if a.numel() == 0:
+        return 0.0, 0.0, ()
+    diff = (a - b).abs()
+    diff = torch.where(a == b, torch.zeros_like(diff), diff)  # equal infinities: no error
+    nan = torch.isnan(diff)
+    flat = int(nan.flatten().nonzero()[0]) if nan.any() else int(diff.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    if nan.any():
+        return math.nan, math.nan, index
+    max_abs = float(diff.max())
+    scale = float(a.abs().max())
+    if max_abs == 0.0:
+        return 0.0, 0.0, index
+    return max_abs, (max_abs / scale if scale > 0 and math.isfinite(scale) else math.inf), index
 
 
 def _leaf_errors(path: str, a: Any, b: Any) -> tuple[float, float]:
@@ -90,19 +100,12 @@ def _leaf_errors(path: str, a: Any, b: Any) -> tuple[float, float]:
     a, b = (t.to_dense() if t.is_mkldnn else t for t in (a, b))  # MKLDNN layout: compare values
     if a.shape != b.shape:
         raise ValueError(f"Shape mismatch{where}: reference {tuple(a.shape)} vs candidate {tuple(b.shape)}.")
-    if a.numel() == 0:
-        return 0.0, 0.0
-    a64 = a.detach().to("cpu", torch.float64)
-    b64 = b.detach().to("cpu", torch.float64)
-    diff = (a64 - b64).abs()
-    diff = torch.where(a64 == b64, torch.zeros_like(diff), diff)  # equal infinities: no error
-    max_abs = float(diff.max())
-    scale = float(a64.abs().max())
-    if math.isnan(max_abs):
-        return max_abs, math.nan
-    if max_abs == 0.0:
-        return 0.0, 0.0
-    return max_abs, (max_abs / scale if scale > 0 and math.isfinite(scale) else math.inf)
+    return tensor_errors(a, b)[:2]
+
+
+def _leaves_by_path(output: Any) -> dict[str, Any]:
+    """Every leaf of a nested output by its path (``"[0]['boxes']"``), from ``torch.utils._pytree``."""
+    return {pytree.keystr(path): leaf for path, leaf in pytree.tree_flatten_with_path(output)[0]}
 
 
 def compare_outputs(reference: Any, candidate: Any, rtol: float = 1e-4, name: str = "") -> Comparison:
@@ -113,12 +116,13 @@ def compare_outputs(reference: Any, candidate: Any, rtol: float = 1e-4, name: st
     """
     if not rtol >= 0:
         raise ValueError(f"rtol must be >= 0, got {rtol!r}")
-    if _structure(reference) != _structure(candidate):
+    reference_leaves, candidate_leaves = _leaves_by_path(reference), _leaves_by_path(candidate)
+    if reference_leaves.keys() != candidate_leaves.keys():  # a dict's key order and list vs tuple do not matter
         raise ValueError(
             f"Output structures differ{f' ({name})' if name else ''}: reference {_describe(reference)} "
             f"vs candidate {_describe(candidate)}."
         )
-    pairs = [(path, a, b) for (path, a), (_, b) in zip(_leaves(reference), _leaves(candidate))]
+    pairs = [(path, a, candidate_leaves[path]) for path, a in reference_leaves.items()]
     if not pairs:
         raise ValueError("Nothing to compare: the outputs contain no tensors.")
     worst_path, worst_abs, worst_rel = "", 0.0, -1.0
@@ -189,7 +193,7 @@ def report(*comparisons: Comparison | Iterable[Comparison]) -> None:
 # Layer by layer: where error enters and whether it grows
 # --------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LayerError:
+class LayerComparison:
     """One layer call compared: ``max_rel`` = max |a − b| / max |a|, ``cosine`` = ⟨a, b⟩ / (|a| |b|), in float64.
 
     ``a`` is the reference activation, ``b`` the candidate's. ``finite`` is False when the candidate's
@@ -207,9 +211,9 @@ class LayerError:
 
 @dataclass
 class LayerReport:
-    """What :func:`layer_report` found: one :class:`LayerError` per matched layer call, in depth order."""
+    """What :func:`layer_report` found: one :class:`LayerComparison` per matched layer call, in depth order."""
 
-    layers: list[LayerError]
+    layers: list[LayerComparison]
     reference_only: list[str]  #: reference layers no candidate layer reproduces (a folded BatchNorm)
     candidate_only: list[str]  #: candidate layers with no reference counterpart
     output: Comparison  #: the final outputs, as compare_outputs
@@ -217,18 +221,18 @@ class LayerReport:
     folded_into: dict[str, str] = field(default_factory=dict)  #: folded BatchNorm -> the layer that absorbed it
 
     @property
-    def first_nonfinite(self) -> LayerError | None:
+    def first_nonfinite(self) -> LayerComparison | None:
         """The first layer whose candidate activation holds inf or NaN (fp16 overflow), or None."""
         return next((layer for layer in self.layers if not layer.finite), None)
 
     @property
-    def worst(self) -> LayerError | None:
+    def worst(self) -> LayerComparison | None:
         """The layer with the largest max relative error (NaN counts as largest)."""
         if not self.layers:
             return None
         return max(self.layers, key=lambda l: math.inf if math.isnan(l.max_rel) else l.max_rel)
 
-    def entry(self, threshold: float = 0.0) -> LayerError | None:
+    def entry(self, threshold: float = 0.0) -> LayerComparison | None:
         """The first layer whose max relative error exceeds ``threshold``: where error enters."""
         return next((l for l in self.layers if not l.max_rel <= threshold), None)
 
@@ -358,7 +362,7 @@ def _leaf_names(model: nn.Module) -> list[str]:
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
-    leaves = [leaf for _, leaf in _leaves(output) if isinstance(leaf, torch.Tensor)]
+    leaves = [leaf for leaf in pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
     return leaves[0] if leaves else None
 
 
@@ -429,7 +433,7 @@ def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mappin
                     ran_reference.append(name)
         return hook
 
-    layers: list[LayerError] = []
+    layers: list[LayerComparison] = []
     calls: dict[str, int] = {}
     ran_candidate: set[str] = set()
 
@@ -447,7 +451,7 @@ def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mappin
                 return
             max_rel, cosine, finite = _activation_errors(ref_calls[k], tensor)
             label = name if k == 0 else f"{name} [{k + 1}]"
-            layers.append(LayerError(len(layers), label, ref_name, type(module).__name__, max_rel, cosine, finite))
+            layers.append(LayerComparison(len(layers), label, ref_name, type(module).__name__, max_rel, cosine, finite))
         return hook
 
     handles = [ref_modules[name].register_forward_hook(save(name)) for name in ref_layers]

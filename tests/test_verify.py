@@ -146,3 +146,21 @@ def test_mkldnn_tensors_are_compared_by_value():
     assert same.passed and same.max_abs == 0.0
     off = compare_outputs(x, (x + 0.5 * x.abs().max()).to_mkldnn())
     assert not off.passed and off.max_rel == pytest.approx(0.5)
+
+
+def test_one_error_measure_for_verify_and_exercises():
+    """verify.tensor_errors is the one definition; exercises.tensor_error is it with the expected tensor as reference."""
+    from fusionlib import exercises
+    from fusionlib.verify import tensor_errors
+
+    e, a = torch.tensor([[1.0, -4.0], [2.0, 0.5]]), torch.tensor([[1.0, -4.5], [2.0, 0.5]])
+    assert tensor_errors(e, a) == (0.5, 0.125, (0, 1)) == exercises.tensor_error(a, e)
+    for nan_side in ("reference", "candidate"):  # one NaN rule, whichever side holds it
+        x, y = e.clone(), a.clone()
+        (x if nan_side == "reference" else y)[1, 0] = float("nan")
+        max_abs, max_rel, index = tensor_errors(x, y)
+        assert math.isnan(max_abs) and math.isnan(max_rel) and index == (1, 0), nan_side
+        assert compare_outputs(x, y).passed is False
+    assert tensor_errors(torch.zeros(2), torch.tensor([0.0, 1e-9]))[1] == math.inf
+    inf = torch.tensor([float("inf"), 1.0])
+    assert tensor_errors(inf, inf.clone()) == (0.0, 0.0, (0,))

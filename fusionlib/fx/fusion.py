@@ -144,14 +144,16 @@ class SkippedBatchNorm:
 
 
 @dataclass
-class FusionReport:
-    """What :func:`fuse_conv_bn` folded, and every BatchNorm call it left, with the reason."""
+class BatchNormFoldReport:
+    """What a BatchNorm-folding pass folded, and every BatchNorm it left, with the reason.
+
+    The common part of :class:`FusionReport` (the graph pass, which counts BatchNorm
+    *calls* in the graph) and ``auto_fuse.AutoFuseReport`` (which counts BatchNorm *modules*).
+    """
 
     model_name: str
     fused: list[FusedPair] = field(default_factory=list)
     skipped: list[SkippedBatchNorm] = field(default_factory=list)
-    batchnorm_calls_before: int = 0
-    batchnorm_calls_after: int = 0
     #: Subclasses of conv / linear / BatchNorm that override ``forward``: never folded as their parent.
     overridden: list[str] = field(default_factory=list)
 
@@ -175,6 +177,14 @@ class FusionReport:
 
     def __str__(self) -> str:
         return self.format()
+
+
+@dataclass
+class FusionReport(BatchNormFoldReport):
+    """What :func:`fuse_conv_bn` folded, and every BatchNorm call it left, with the reason."""
+
+    batchnorm_calls_before: int = 0  #: BatchNorm calls in the graph before the pass
+    batchnorm_calls_after: int = 0  #: and after it
 
     def format(self, max_lines: int = 8) -> str:
         """The report, listing at most ``max_lines`` fused and skipped entries."""
