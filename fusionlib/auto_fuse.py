@@ -53,11 +53,12 @@ alive until the end of the recording: use small example inputs.
 from __future__ import annotations
 
 import copy
+import math
 import inspect
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -357,15 +358,13 @@ def _hooks_lost(flow: Dataflow, group: list[nn.Module]) -> list[str]:
 
 
 def _plan(flow: Dataflow, model: nn.Module, report: AutoFuseReport) -> list[list[nn.Module]]:
+    """The groups to fuse, one per BatchNorm that can be folded; every other BatchNorm goes to ``report.skipped``."""
     names_of: dict[int, list[str]] = defaultdict(list)
     for name, m in model.named_modules(remove_duplicate=False):
         names_of[id(m)].append(name)
-    groups: list[list[nn.Module]] = []
-
-    def skip(bn_name: str, kind: str, detail: str, layer: str | None = None) -> None:
-        report.skipped.append(SkippedBatchNorm(bn_name, "", kind, detail, layer))
 
     def why_not_single(module: nn.Module) -> str | None:
+        """Why ``module`` is not used exactly once, under one name, by itself only (None when it is)."""
         name = flow.names[id(module)]
         if len(flow.calls_of[id(module)]) != 1:
             return f"'{name}' ran {len(flow.calls_of[id(module)])} times in the recorded forward"
@@ -376,65 +375,78 @@ def _plan(flow: Dataflow, model: nn.Module, report: AutoFuseReport) -> list[list
             return f"its parameters / buffers are also read by {readers[:3]}, which would see folded values"
         return None
 
+    groups: list[list[nn.Module]] = []
     for bn in [m for m in model.modules() if is_batchnorm(m)]:
-        bn_name = flow.names[id(bn)]
-        calls = flow.calls_of.get(id(bn), [])
-        if not calls:
-            skip(bn_name, "not called", "it did not run on these example inputs (another control-flow path)")
-            continue
-        bn_call = flow.calls[calls[0]]
-        if len(bn_call.inputs) != 1:
-            skip(bn_name, "extra arguments", "BatchNorm is called with more than its input")
-            continue
-        tensor = bn_call.inputs[0]
-        producer = flow.produced_by_call.get(id(tensor))
-        producer_call = flow.calls[producer] if producer is not None else None
-        if producer_call is None or producer_call.module is model:
-            source = flow.produced_by_function.get(id(tensor))
-            skip(bn_name, "no Conv/Linear before it",
-                 f"its input comes from torch function '{source}'" if source else "its input is a model input")
-            continue
-        layer = producer_call.module
-        layer_name = producer_call.name
-        try:
-            get_fuser_method((type(layer), type(bn)))
-        except UnsupportedFusionError:
-            base = next((t for t in (nn.modules.conv._ConvNd, nn.Linear) if isinstance(layer, t)), None)
-            if base is not None and stock_forward_base(type(layer)) is None:
-                skip(bn_name, "subclass", f"'{layer_name}' is a {type(layer).__name__}, a subclass of "
-                     f"{base.__name__} that overrides forward, so it may compute something else", layer_name)
-            else:
-                skip(bn_name, "no Conv/Linear before it",
-                     f"its input comes from '{layer_name}' ({type(layer).__name__})", layer_name)
-            continue
-        why = why_not_single(layer) or why_not_single(bn)
-        if why is not None:
-            skip(bn_name, "not exactly one use", why, layer_name)
-            continue
-        if isinstance(layer, nn.Linear) and tensor.dim() != 2:
-            skip(bn_name, "Linear output not 2-D",
-                 "BatchNorm1d normalizes dim 1, but Linear's features are the last dim", layer_name)
-            continue
-        others = flow.other_consumers(tensor, bn_call)
-        if others:
-            skip(bn_name, "output has other users", f"the output of '{layer_name}' is also used by {others[:3]}; "
-                 "folding would change what they see", layer_name)
-            continue
-        group = [layer, bn]
-        relu = _following_relu(flow, bn_call, why_not_single)
-        if relu is not None and not _hooks_lost(flow, [layer, bn, relu]):
-            try:
-                get_fuser_method((type(layer), type(bn), type(relu)))
-                group.append(relu)
-            except UnsupportedFusionError:
-                pass
-        lost = _hooks_lost(flow, group)
-        if lost:
-            skip(bn_name, "hooks", f"fusing would drop the {', '.join(lost)}; only the first module's forward "
-                 "pre-hooks and the last one's forward hooks move to the fused module", layer_name)
-            continue
-        groups.append(group)
+        found = _group_for(bn, flow, model, why_not_single)
+        if isinstance(found, SkippedBatchNorm):
+            report.skipped.append(found)
+        else:
+            groups.append(found)
     return groups
+
+
+def _producer_layer(bn: nn.Module, flow: Dataflow, model: nn.Module) -> tuple[_Call, _Call] | SkippedBatchNorm:
+    """``(bn_call, layer_call)``: the BatchNorm's one call and the call of the Conv / Linear that fed it."""
+    bn_name = flow.names[id(bn)]
+    calls = flow.calls_of.get(id(bn), [])
+    if not calls:
+        return SkippedBatchNorm(bn_name, "", "not called",
+                                "it did not run on these example inputs (another control-flow path)")
+    bn_call = flow.calls[calls[0]]
+    if len(bn_call.inputs) != 1:
+        return SkippedBatchNorm(bn_name, "", "extra arguments", "BatchNorm is called with more than its input")
+    producer = flow.produced_by_call.get(id(bn_call.inputs[0]))
+    layer_call = flow.calls[producer] if producer is not None else None
+    if layer_call is None or layer_call.module is model:
+        source = flow.produced_by_function.get(id(bn_call.inputs[0]))
+        return SkippedBatchNorm(bn_name, "", "no Conv/Linear before it", f"its input comes from torch function "
+                                f"'{source}'" if source else "its input is a model input")
+    layer, layer_name = layer_call.module, layer_call.name
+    try:
+        get_fuser_method((type(layer), type(bn)))
+    except UnsupportedFusionError:
+        base = next((t for t in (nn.modules.conv._ConvNd, nn.Linear) if isinstance(layer, t)), None)
+        if base is not None and stock_forward_base(type(layer)) is None:
+            return SkippedBatchNorm(bn_name, "", "subclass", f"'{layer_name}' is a {type(layer).__name__}, a "
+                                    f"subclass of {base.__name__} that overrides forward, so it may compute "
+                                    "something else", layer_name)
+        return SkippedBatchNorm(bn_name, "", "no Conv/Linear before it",
+                                f"its input comes from '{layer_name}' ({type(layer).__name__})", layer_name)
+    return bn_call, layer_call
+
+
+def _group_for(bn: nn.Module, flow: Dataflow, model: nn.Module,
+               why_not_single: Callable[[nn.Module], str | None]) -> list[nn.Module] | SkippedBatchNorm:
+    """``[layer, bn]`` or ``[layer, bn, relu]`` when ``bn`` can be folded, else why not."""
+    found = _producer_layer(bn, flow, model)
+    if isinstance(found, SkippedBatchNorm):
+        return found
+    bn_call, layer_call = found
+    bn_name, layer, layer_name, tensor = flow.names[id(bn)], layer_call.module, layer_call.name, bn_call.inputs[0]
+    why = why_not_single(layer) or why_not_single(bn)
+    if why is not None:
+        return SkippedBatchNorm(bn_name, "", "not exactly one use", why, layer_name)
+    if isinstance(layer, nn.Linear) and tensor.dim() != 2:
+        return SkippedBatchNorm(bn_name, "", "Linear output not 2-D",
+                                "BatchNorm1d normalizes dim 1, but Linear's features are the last dim", layer_name)
+    others = flow.other_consumers(tensor, bn_call)
+    if others:
+        return SkippedBatchNorm(bn_name, "", "output has other users", f"the output of '{layer_name}' is also "
+                                f"used by {others[:3]}; folding would change what they see", layer_name)
+    group = [layer, bn]
+    relu = _following_relu(flow, bn_call, why_not_single)
+    if relu is not None and not _hooks_lost(flow, [layer, bn, relu]):
+        try:
+            get_fuser_method((type(layer), type(bn), type(relu)))
+            group.append(relu)
+        except UnsupportedFusionError:
+            pass
+    lost = _hooks_lost(flow, group)
+    if lost:
+        return SkippedBatchNorm(bn_name, "", "hooks", f"fusing would drop the {', '.join(lost)}; only the first "
+                                "module's forward pre-hooks and the last one's forward hooks move to the fused "
+                                "module", layer_name)
+    return group
 
 
 def _following_relu(flow: Dataflow, bn_call: _Call, why_not_single: Any) -> nn.Module | None:
@@ -485,7 +497,37 @@ def auto_fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
     _check_inputs(model, args)
     _check_eval_mode(model)
     work = model if inplace else copy.deepcopy(model)
-    name = type(model).__name__
+    flow, reference = _record_repeatable_forward(work, args, rtol)
+
+    report = AutoFuseReport(type(model).__name__, module_calls=len(flow.calls))
+    report.batchnorm_modules_before = sum(1 for m in work.modules() if is_batchnorm(m))
+    groups = _plan(flow, work, report)
+    del flow  # let the recorded tensors go
+
+    # Verify on a copy in float64, where the fold is exact to ~1e-16: outputs that are discontinuous in
+    # their inputs (a detector's NMS and top-k) cannot flip on rounding there, a wrong fold still shows.
+    checker, check_args, check_reference, report.precision = _verification_copy(work, args, reference)
+    trial = _Trial(checker, check_args, check_reference, rtol)
+    entries = trial.fuse_each(work, groups, report)
+    entries, report.comparison = trial.keep_what_verifies(entries, report)
+    del checker, trial
+
+    accepted_names = [entry.names for entry in entries]
+    if accepted_names:
+        fuse_modules(work, accepted_names, inplace=True)
+    for entry in entries:
+        report.fused.append(FusedPair(entry.names[0], entry.names[1], entry.kind))
+        report.groups.append(entry.names)
+    with torch.no_grad():
+        report.as_run = _compare(reference, work(*args), rtol, "fused vs original, as run")
+    report.batchnorm_modules_after = sum(1 for m in work.modules() if is_batchnorm(m))
+    report.seconds = time.perf_counter() - started
+    return work, report
+
+
+def _record_repeatable_forward(work: nn.Module, args: tuple[Any, ...], rtol: float) -> tuple[Dataflow, Any]:
+    """The dataflow of one forward and its output; refused when the forward fails or is not deterministic."""
+    name = type(work).__name__
     try:
         flow, reference = record_dataflow(work, args)
     except Exception as error:
@@ -498,88 +540,89 @@ def auto_fuse(model: nn.Module, example_inputs: Any, inplace: bool = False, *,
             f"auto_fuse refuses '{name}': two runs on the same inputs differ ({repeat}). The model is not "
             "deterministic (dropout or random ops in its forward), so no fusion could be verified."
         )
+    return flow, reference
 
-    report = AutoFuseReport(name, module_calls=len(flow.calls))
-    report.batchnorm_modules_before = sum(1 for m in work.modules() if is_batchnorm(m))
-    groups = _plan(flow, work, report)
-    del flow  # let the recorded tensors go
-    names = [[_name_of(work, m) for m in group] for group in groups]
-    kinds = ["+".join(type(m).__name__ for m in group) for group in groups]
 
-    # Verify on a copy in float64, where the fold is exact to ~1e-16: outputs that are discontinuous in
-    # their inputs (a detector's NMS and top-k) cannot flip on rounding there, a wrong fold still shows.
-    checker, check_args, check_reference, report.precision = _verification_copy(work, args, reference)
-    entries: list[tuple[list[str], list[nn.Module], list[nn.Module], str]] = []
-    for group_names, kind in zip(names, kinds):
-        originals = [checker.get_submodule(n) for n in group_names]
-        try:  # fuse each group on its own, keeping both versions so any group can be undone
-            fuse_modules(checker, [group_names], inplace=True)
-        except FusionError as error:
-            report.skipped.append(SkippedBatchNorm(group_names[1], "", "fuse_modules refused", str(error),
-                                                   group_names[0]))
-            continue
-        entries.append((group_names, originals, [checker.get_submodule(n) for n in group_names], kind))
+@dataclass
+class _Entry:
+    """One group fused in the verification copy, with both versions of its modules (so it can be undone)."""
 
-    def apply(entry: tuple[list[str], list[nn.Module], list[nn.Module], str], fused: bool) -> None:
-        for n, original, new in zip(entry[0], entry[1], entry[2]):
-            set_submodule(checker, n, new if fused else original)
+    names: list[str]
+    originals: list[nn.Module]
+    fused: list[nn.Module]
+    kind: str
 
-    def check(label: str) -> Comparison:
+
+@dataclass
+class _Trial:
+    """The float64 verification copy: fuse groups, undo them, and compare with the original's outputs."""
+
+    checker: nn.Module
+    args: tuple[Any, ...]
+    reference: Any
+    rtol: float
+
+    def fuse_each(self, work: nn.Module, groups: list[list[nn.Module]], report: AutoFuseReport) -> list[_Entry]:
+        """Fuse each group on its own in the copy; a group ``fuse_modules`` refuses is reported skipped."""
+        entries = []
+        for group in groups:
+            names = [_name_of(work, m) for m in group]
+            originals = [self.checker.get_submodule(n) for n in names]
+            try:
+                fuse_modules(self.checker, [names], inplace=True)
+            except FusionError as error:
+                report.skipped.append(SkippedBatchNorm(names[1], "", "fuse_modules refused", str(error), names[0]))
+                continue
+            entries.append(_Entry(names, originals, [self.checker.get_submodule(n) for n in names],
+                                  "+".join(type(m).__name__ for m in group)))
+        return entries
+
+    def apply(self, entry: _Entry, fused: bool) -> None:
+        for n, original, new in zip(entry.names, entry.originals, entry.fused):
+            set_submodule(self.checker, n, new if fused else original)
+
+    def check(self, label: str) -> Comparison:
         with torch.no_grad():
             try:
-                out = checker(*check_args)
+                out = self.checker(*self.args)
             except Exception as error:  # a fold the model cannot live with
-                return Comparison(float("inf"), float("inf"), rtol, False, f"{label} ({type(error).__name__}: {error})")
-        return _compare(check_reference, out, rtol, label)
+                return Comparison(math.inf, math.inf, self.rtol, False, f"{label} ({type(error).__name__}: {error})")
+        return _compare(self.reference, out, self.rtol, label)
 
-    comparison = check("fused vs original")
-    if not comparison.passed:  # find the groups responsible, undo them
+    def keep_what_verifies(self, entries: list[_Entry], report: AutoFuseReport) -> tuple[list[_Entry], Comparison]:
+        """All groups when the fused copy matches; else undo the groups that change the outputs: first those
+        wrong alone, then, adding the rest one by one, those wrong together. Undone groups are reported."""
+        comparison = self.check("fused vs original")
+        if comparison.passed:
+            return entries, comparison
+        kept = self._keep(entries, report, together=False)
+        comparison = self.check("fused vs original")
+        if not comparison.passed:  # groups fine alone but not together
+            kept = self._keep(kept, report, together=True)
+            comparison = self.check("fused vs original")
+        for names, _ in report.undone:
+            report.skipped.append(SkippedBatchNorm(names[1], "", "undone",
+                                                   "folding it changed the outputs on the example inputs", names[0]))
+        return kept, comparison
+
+    def _keep(self, entries: list[_Entry], report: AutoFuseReport, together: bool) -> list[_Entry]:
+        """The entries that verify, each alone (``together=False``) or added one by one to those kept so far."""
         for entry in entries:
-            apply(entry, False)
+            self.apply(entry, False)
         kept = []
         for entry in entries:
-            apply(entry, True)
-            alone = check(" + ".join(entry[0]))
-            if alone.passed:
+            self.apply(entry, True)
+            result = self.check(" + ".join(entry.names))
+            if result.passed:
                 kept.append(entry)
             else:
-                report.undone.append((entry[0], str(alone)))
-            apply(entry, False)
-        for entry in kept:
-            apply(entry, True)
-        comparison = check("fused vs original")
-        if not comparison.passed:  # groups fine alone but not together: add them one by one
+                report.undone.append((entry.names, str(result)))
+            if not together or not result.passed:
+                self.apply(entry, False)
+        if not together:
             for entry in kept:
-                apply(entry, False)
-            accepted = []
-            for entry in kept:
-                apply(entry, True)
-                together = check(" + ".join(entry[0]))
-                if together.passed:
-                    accepted.append(entry)
-                else:
-                    apply(entry, False)
-                    report.undone.append((entry[0], str(together)))
-            kept = accepted
-            comparison = check("fused vs original")
-        entries = kept
-        for group_names, _ in report.undone:
-            report.skipped.append(SkippedBatchNorm(group_names[1], "", "undone",
-                                                   "folding it changed the outputs on the example inputs",
-                                                   group_names[0]))
-    del checker
-    accepted_names = [entry[0] for entry in entries]
-    if accepted_names:
-        fuse_modules(work, accepted_names, inplace=True)
-    for group_names, _, _, kind in entries:
-        report.fused.append(FusedPair(group_names[0], group_names[1], kind))
-        report.groups.append(group_names)
-    report.comparison = comparison
-    with torch.no_grad():
-        report.as_run = _compare(reference, work(*args), rtol, "fused vs original, as run")
-    report.batchnorm_modules_after = sum(1 for m in work.modules() if is_batchnorm(m))
-    report.seconds = time.perf_counter() - started
-    return work, report
+                self.apply(entry, True)
+        return kept
 
 
 def _verification_copy(model: nn.Module, args: tuple[Any, ...], reference: Any
