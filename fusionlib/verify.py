@@ -408,54 +408,13 @@ def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mappin
     reference_root, candidate_root = _layer_root(reference), _layer_root(candidate)  # names; forwards run the models
     folds = _fold_mapping(candidate_root)
     caller_mapping = dict(mapping or {})
-    mapping = {**folds, **caller_mapping}
-    ref_modules = dict(reference_root.named_modules())
-    cand_modules = dict(candidate_root.named_modules())
-    for cand_name, ref_name in mapping.items():
-        if ref_name not in ref_modules:
-            raise ValueError(f"mapping[{cand_name!r}] = {ref_name!r}: the reference has no module named {ref_name!r}")
-        if cand_name not in cand_modules:
-            raise ValueError(f"mapping has key {cand_name!r}: the candidate has no module named {cand_name!r}")
-    ref_layers = set(_leaf_names(reference_root)) | set(mapping.values())
-    targets = {name: mapping.get(name, name) for name in cand_modules
-               if name and mapping.get(name, name) in ref_layers}
+    ref_modules, cand_modules = dict(reference_root.named_modules()), dict(candidate_root.named_modules())
+    ref_layers, targets = _layer_targets(ref_modules, cand_modules, {**folds, **caller_mapping})
     args = inputs if isinstance(inputs, tuple) else (inputs,)
 
-    saved: dict[str, list[torch.Tensor]] = {}
-    ran_reference: list[str] = []
-
-    def save(name: str):
-        def hook(module: nn.Module, _args: tuple, output: Any) -> None:
-            tensor = _first_tensor(output)
-            if tensor is not None:
-                saved.setdefault(name, []).append(tensor.detach().clone())  # inplace ops later must not change it
-                if name not in ran_reference:
-                    ran_reference.append(name)
-        return hook
-
-    layers: list[LayerComparison] = []
-    calls: dict[str, int] = {}
-    ran_candidate: set[str] = set()
-
-    def compare(name: str):
-        def hook(module: nn.Module, _args: tuple, output: Any) -> None:
-            tensor = _first_tensor(output)
-            ran_candidate.add(name)
-            if tensor is None:
-                return
-            ref_name = targets[name]
-            k = calls.get(name, 0)
-            calls[name] = k + 1
-            ref_calls = saved.get(ref_name, [])
-            if k >= len(ref_calls) or ref_calls[k].shape != tensor.shape:
-                return
-            max_rel, cosine, finite = _activation_errors(ref_calls[k], tensor)
-            label = name if k == 0 else f"{name} [{k + 1}]"
-            layers.append(LayerComparison(len(layers), label, ref_name, type(module).__name__, max_rel, cosine, finite))
-        return hook
-
-    handles = [ref_modules[name].register_forward_hook(save(name)) for name in ref_layers]
-    handles += [cand_modules[name].register_forward_hook(compare(name)) for name in targets]
+    recorder = _ActivationRecorder(targets)
+    handles = [ref_modules[name].register_forward_hook(recorder.save(name)) for name in ref_layers]
+    handles += [cand_modules[name].register_forward_hook(recorder.compare(name)) for name in targets]
     try:
         with eval_mode(reference, candidate), torch.inference_mode():
             expected = reference(*args)
@@ -467,9 +426,65 @@ def layer_report(reference: nn.Module, candidate: nn.Module, inputs: Any, mappin
     # whether or not a stale module of that name is left behind), and the caller mapped nothing to it.
     # A folded BatchNorm is listed even though its folded conv is compared with its output.
     mapped_by_caller = {targets[name] for name in caller_mapping if name in targets}
-    reference_only = [name for name in ran_reference if name not in ran_candidate and name not in mapped_by_caller]
+    reference_only = [name for name in recorder.ran_reference
+                      if name not in recorder.ran_candidate and name not in mapped_by_caller]
     candidate_only = [name for name in _leaf_names(candidate_root) if name not in targets]
     output = compare_outputs(expected, actual, rtol=rtol, name="output")
     mapped = {c: r for c, r in targets.items() if c != r}
-    folded_into = {bn: layer for layer, bn in folds.items() if layer in ran_candidate}
-    return LayerReport(layers, reference_only, candidate_only, output, mapped, folded_into)
+    folded_into = {bn: layer for layer, bn in folds.items() if layer in recorder.ran_candidate}
+    return LayerReport(recorder.layers, reference_only, candidate_only, output, mapped, folded_into)
+
+
+def _layer_targets(ref_modules: dict[str, nn.Module], cand_modules: dict[str, nn.Module],
+                   mapping: dict[str, str]) -> tuple[set[str], dict[str, str]]:
+    """``(reference layers to record, candidate name -> reference name to compare with)``; a mapping
+    naming a module either model lacks raises ``ValueError``."""
+    for cand_name, ref_name in mapping.items():
+        if ref_name not in ref_modules:
+            raise ValueError(f"mapping[{cand_name!r}] = {ref_name!r}: the reference has no module named {ref_name!r}")
+        if cand_name not in cand_modules:
+            raise ValueError(f"mapping has key {cand_name!r}: the candidate has no module named {cand_name!r}")
+    ref_layers = {name for name, m in ref_modules.items() if name and not list(m.children())} | set(mapping.values())
+    targets = {name: mapping.get(name, name) for name in cand_modules
+               if name and mapping.get(name, name) in ref_layers}
+    return ref_layers, targets
+
+
+class _ActivationRecorder:
+    """Forward hooks for :func:`layer_report`: the reference's activations saved call by call, then each
+    candidate call compared with the same call of its reference layer."""
+
+    def __init__(self, targets: dict[str, str]) -> None:
+        self.targets = targets
+        self.saved: dict[str, list[torch.Tensor]] = {}
+        self.ran_reference: list[str] = []
+        self.ran_candidate: set[str] = set()
+        self.calls: dict[str, int] = {}
+        self.layers: list[LayerComparison] = []
+
+    def save(self, name: str):
+        def hook(module: nn.Module, _args: tuple, output: Any) -> None:
+            tensor = _first_tensor(output)
+            if tensor is not None:
+                self.saved.setdefault(name, []).append(tensor.detach().clone())  # later inplace ops must not change it
+                if name not in self.ran_reference:
+                    self.ran_reference.append(name)
+        return hook
+
+    def compare(self, name: str):
+        def hook(module: nn.Module, _args: tuple, output: Any) -> None:
+            tensor = _first_tensor(output)
+            self.ran_candidate.add(name)
+            if tensor is None:
+                return
+            ref_name = self.targets[name]
+            k = self.calls.get(name, 0)
+            self.calls[name] = k + 1
+            ref_calls = self.saved.get(ref_name, [])
+            if k >= len(ref_calls) or ref_calls[k].shape != tensor.shape:
+                return
+            max_rel, cosine, finite = _activation_errors(ref_calls[k], tensor)
+            label = name if k == 0 else f"{name} [{k + 1}]"
+            self.layers.append(LayerComparison(len(self.layers), label, ref_name, type(module).__name__,
+                                               max_rel, cosine, finite))
+        return hook
