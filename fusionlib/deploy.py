@@ -313,6 +313,75 @@ def _where_op_runs(model: nn.Module, args: tuple, op_name: str) -> list[str]:
     return found
 
 
+def _check_export_arguments(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], opset: int,
+                            input_names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """The positional example inputs; refuses a model in training mode (naming its modules), a bad opset or inputs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx takes an nn.Module, got {type(model).__name__}")
+    # bare containers (torch.fx makes nn.Module() ones for dotted names) compute nothing themselves
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    training = [n or "<model>" for n, m in model.named_modules()
+                if m.training and not isinstance(m, TensorQuantizer)  # a quantizer computes the same in both modes
+                and not (n and (type(m) is nn.Module or isinstance(m, containers)))]
+    if training:
+        raise ValueError(f"export_onnx exports inference graphs: call model.eval() first "
+                         f"({len(training)} module(s) in training mode: {listing(training)})")
+    if not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an int >= 13 (per-channel QuantizeLinear), got {opset!r}")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    if len(input_names) != len(args):
+        raise ValueError(f"{len(args)} example input(s) but input_names has {len(input_names)}: {list(input_names)}")
+    return args
+
+
+def _dynamic_axes(args: tuple[torch.Tensor, ...], input_names: Sequence[str], output_names: Sequence[str],
+                  dynamic_batch: bool, dynamic_image_size: bool) -> dict[str, dict[int, str]]:
+    """The exporter's ``dynamic_axes``: dimension 0 of every input and output, and H, W of 4-d inputs."""
+    dynamic_axes: dict[str, dict[int, str]] = {}
+    for name, x in [*zip(input_names, args), *((n, None) for n in output_names)]:
+        axes = {0: "batch"} if dynamic_batch else {}
+        if dynamic_image_size and x is not None and x.dim() == 4:
+            axes.update({2: "height", 3: "width"})
+        if axes:
+            dynamic_axes[name] = axes
+    return dynamic_axes
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The legacy exporter's warnings that say nothing about the model."""
+    with warnings.catch_warnings():
+        # the tracer warns about every Python-level check it cannot record (shape asserts in our quantizers)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own logging helper
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        # keep_batchnorm exports with TrainingMode.PRESERVE on an eval model: nothing learnable is folded
+        warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
+        yield
+
+
+def _run_exporter(model: nn.Module, args: tuple[torch.Tensor, ...], path: str, opset: int, mode: Any,
+                  input_names: Sequence[str], output_names: Sequence[str],
+                  dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """``torch.onnx.export`` (the TorchScript exporter); its errors name the op and the modules where it runs."""
+    try:
+        torch.onnx.export(model, args, path, dynamo=False, opset_version=opset, training=mode,
+                          input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=dynamic_axes or None, do_constant_folding=True)
+    except Exception as err:
+        op = _unsupported_op(err)
+        if op is None:
+            raise ONNXExportError(f"torch.onnx.export (opset {opset}) failed: "
+                                  f"{str(err).strip().splitlines()[0]}") from err
+        where = _where_op_runs(model, args, op)
+        at = f" in {listing(where)}" if where else ""
+        raise ONNXExportError(f"the ONNX exporter cannot translate the op {op!r}{at} (opset {opset}); "
+                              "replace that computation, or register a custom symbolic "
+                              "(torch.onnx.register_custom_op_symbolic)") from None
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -344,33 +413,11 @@ def export_onnx(
     modules where it runs.
     """
     onnx, _ = _require()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"export_onnx takes an nn.Module, got {type(model).__name__}")
-    # bare containers (torch.fx makes nn.Module() ones for dotted names) compute nothing themselves
-    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    training = [n or "<model>" for n, m in model.named_modules()
-                if m.training and not isinstance(m, TensorQuantizer)  # a quantizer computes the same in both modes
-                and not (n and (type(m) is nn.Module or isinstance(m, containers)))]
-    if training:
-        raise ValueError(f"export_onnx exports inference graphs: call model.eval() first "
-                         f"({len(training)} module(s) in training mode: {listing(training)})")
-    if not isinstance(opset, int) or opset < 13:
-        raise ValueError(f"opset must be an int >= 13 (per-channel QuantizeLinear), got {opset!r}")
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if not args or not all(isinstance(a, torch.Tensor) for a in args):
-        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
-    if len(input_names) != len(args):
-        raise ValueError(f"{len(args)} example input(s) but input_names has {len(input_names)}: {list(input_names)}")
+    args = _check_export_arguments(model, example_inputs, opset, input_names)
     quantizers = exportable_quantizers(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic_axes: dict[str, dict[int, str]] = {}
-    for name, x in [*zip(input_names, args), *((n, None) for n in output_names)]:
-        axes = {0: "batch"} if dynamic_batch else {}
-        if dynamic_image_size and x is not None and x.dim() == 4:
-            axes.update({2: "height", 3: "width"})
-        if axes:
-            dynamic_axes[name] = axes
+    dynamic_axes = _dynamic_axes(args, input_names, output_names, dynamic_batch, dynamic_image_size)
     mode = torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=f".{path.stem}-")
     os.close(fd)
@@ -378,27 +425,8 @@ def export_onnx(
     try:
         # eval_mode gives every submodule its own train flag back: the exporter's model.train(flag) would reset
         # them all to the root's
-        with eval_mode(model), _export_mode(model, activations), torch.no_grad(), warnings.catch_warnings():
-            # the tracer warns about every Python-level check it cannot record (shape asserts in our quantizers)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own logging helper
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            # keep_batchnorm exports with TrainingMode.PRESERVE on an eval model: nothing learnable is folded
-            warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
-            try:
-                torch.onnx.export(model, args, tmp, dynamo=False, opset_version=opset, training=mode,
-                                  input_names=list(input_names), output_names=list(output_names),
-                                  dynamic_axes=dynamic_axes or None, do_constant_folding=True)
-            except Exception as err:  # the exporter's own errors: name the op and where it runs
-                op = _unsupported_op(err)
-                if op is None:
-                    raise ONNXExportError(f"torch.onnx.export (opset {opset}) failed: "
-                                          f"{str(err).strip().splitlines()[0]}") from err
-                where = _where_op_runs(model, args, op)
-                at = f" in {listing(where)}" if where else ""
-                raise ONNXExportError(f"the ONNX exporter cannot translate the op {op!r}{at} (opset {opset}); "
-                                      "replace that computation, or register a custom symbolic "
-                                      "(torch.onnx.register_custom_op_symbolic)") from None
+        with eval_mode(model), _export_mode(model, activations), torch.no_grad(), _quiet_exporter():
+            _run_exporter(model, args, tmp, opset, mode, input_names, output_names, dynamic_axes)
         seconds = time.perf_counter() - start
         onnx.checker.check_model(tmp)
         os.replace(tmp, path)
