@@ -35,12 +35,12 @@ is built from, as in pytorch-quantization::
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fusionlib.quant.functional import check_amax, check_axis, check_num_bits
+from fusionlib.yaml12 import dump_yaml, load_yaml
 
 __all__ = [
     "QuantDescriptor",
@@ -118,20 +118,12 @@ class QuantDescriptor:
 
     def to_yaml(self) -> str:
         """The fields as YAML text (tuples written as lists); :meth:`from_yaml` reads it back equal."""
-        from ruamel.yaml import YAML
-
-        plain = lambda v: [plain(e) for e in v] if isinstance(v, (tuple, list)) else v
-        out, yaml = io.StringIO(), YAML(typ="safe", pure=True)
-        yaml.default_flow_style = False  # block style: one field a line
-        yaml.dump({k: plain(v) for k, v in self.dict().items()}, out)
-        return out.getvalue()
+        return dump_yaml(self.dict())
 
     @classmethod
     def from_yaml(cls, text: str) -> "QuantDescriptor":
         """A descriptor from :meth:`to_yaml`'s text (YAML 1.2; validated like any other); unknown keys are refused."""
-        from ruamel.yaml import YAML
-
-        values = YAML(typ="safe", pure=True).load(io.StringIO(text))
+        values = load_yaml(text)
         if not isinstance(values, dict):
             raise ValueError(f"QuantDescriptor.from_yaml takes a YAML mapping of fields, got {type(values).__name__}")
         unknown = sorted(set(values) - {f.name for f in fields(cls)})

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ast
 import datetime as _dt
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -34,6 +33,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from fusionlib.yaml12 import load_yaml
 
 __all__ = [
     "SweepError", "FolderInUse", "RunSpec", "load_yaml", "parse_value", "parse_parameters", "load_grid",
@@ -69,17 +70,6 @@ class RunSpec:
 
 
 # ---------------------------------------------------------------------------------------------- values
-
-
-def load_yaml(text: str) -> Any:
-    """YAML text -> Python values, YAML 1.2 core schema (``1e-3`` a float, ``no`` a string).
-
-    The one loader for every value a user types. Raises ruamel's ``YAMLError``
-    (with ``problem_mark`` / ``problem``) for text that is not YAML.
-    """
-    from ruamel.yaml import YAML
-
-    return YAML(typ="safe", pure=True).load(io.StringIO(text))
 
 
 def _yaml_error() -> type[Exception]:
