@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from fusionlib.arguments import check_positive_int
 from fusionlib.display import format_table
 from fusionlib.modules import eval_mode
 
@@ -53,8 +54,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(name, value)
 
 
 def check_groups(in_channels: int, out_channels: int, groups: int) -> None:

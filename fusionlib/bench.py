@@ -64,6 +64,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from fusionlib.arguments import check_positive_int
 from fusionlib.display import format_table
 from fusionlib.modules import eval_mode
 
@@ -307,8 +308,7 @@ def num_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_threads must be a positive integer or None, got {n!r}")
+    check_positive_int("num_threads", n, "or None (leave the count as it is)")
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -365,8 +365,7 @@ def compare_latency(
             raise TypeError(f"fns[{name!r}] is not callable: {fn!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_positive_int("repeats", repeats)
     baseline = names[0] if baseline is None else baseline
     if baseline not in fns:
         raise ValueError(f"baseline {baseline!r} is not one of {names}")

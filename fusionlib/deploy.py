@@ -67,6 +67,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from fusionlib.arguments import check_positive_int
 from fusionlib.display import listing
 from fusionlib.modules import eval_mode
 from fusionlib.quant.lowering import lowering_problem
@@ -463,8 +464,7 @@ class OrtModule(nn.Module):
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
         if optimization not in levels:
             raise ValueError(f"optimization must be one of {sorted(levels)}, got {optimization!r}")
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        check_positive_int("threads", threads)
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"no ONNX file at {self.path}")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusionlib.arguments import check_positive_int
 from fusionlib.display import progress as progress_bar
 from fusionlib.modules import eval_mode
 
@@ -94,8 +95,7 @@ def fit(
     two dropout passes and a KL term); ``logits`` feed ``train_acc`` and
     ``train_loss`` is then that step's loss.
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    check_positive_int("epochs", epochs)
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     steps_per_epoch = len(train_loader)
@@ -165,8 +165,8 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, num_batches: int |
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         raise ValueError(f"recalibrate_batchnorm: {type(model).__name__} has no BatchNorm layer")
-    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-        raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    if num_batches is not None:
+        check_positive_int("num_batches", num_batches, "or None (every batch)")
     untracked = [m for m in norms if not m.track_running_stats]
     if untracked:
         raise ValueError(f"recalibrate_batchnorm: {len(untracked)} BatchNorm layer(s) do not track running "

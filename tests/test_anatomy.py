@@ -111,6 +111,8 @@ def test_groups_that_do_not_divide_raise_naming_the_values():
         conv_weight_shape(6, 10, 3, groups=4)
     with pytest.raises(ValueError, match=r"groups must be a positive int, got 0"):
         conv_parameter_count(6, 8, 3, groups=0)
+    with pytest.raises(ValueError, match=r"groups must be a positive int, got True"):  # one rule: a bool is no count
+        conv_parameter_count(6, 8, 3, groups=True)
     with pytest.raises(ValueError, match=r"stride=2"):
         conv_output_size(10, 3, stride=2, padding="same")
     with pytest.raises(ValueError, match=r"padding must be .* got 'full'"):

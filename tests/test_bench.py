@@ -241,6 +241,7 @@ def test_compare_models_latency_on_a_cuda_model():
         ({"fns": {"a": 3}}, TypeError, "'a'"),
         ({"fns": {"a": lambda: None}, "baseline": "b"}, ValueError, "'b'"),
         ({"fns": {"a": lambda: None}, "repeats": 0}, ValueError, "repeats"),
+        ({"fns": {"a": lambda: None}, "repeats": True}, ValueError, "repeats must be a positive int, got True"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

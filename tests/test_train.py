@@ -165,7 +165,8 @@ def test_recalibrate_batchnorm_recovers_accuracy_lost_to_stale_statistics():
 
 @pytest.mark.parametrize("bad, match", [
     (dict(model=nn.Linear(2, 2)), "has no BatchNorm"),
-    (dict(num_batches=0), "num_batches must be a positive integer"),
+    (dict(num_batches=0), "num_batches must be a positive int"),
+    (dict(num_batches=True), "num_batches must be a positive int, got True"),  # a bool is not a count
     (dict(loader=[]), "yielded no batch"),
 ])
 def test_recalibrate_batchnorm_bad_input(bad, match):
@@ -175,3 +176,11 @@ def test_recalibrate_batchnorm_bad_input(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         recalibrate_batchnorm(args["model"], args["loader"], num_batches=args.get("num_batches"))
+
+
+def test_fit_refuses_a_bool_for_epochs():
+    from fusionlib.train import fit
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="epochs must be a positive int, got True"):
+        fit(model, [(torch.randn(2, 1, 2, 2), torch.tensor([0, 1]))], epochs=True)
