@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -103,7 +102,8 @@ from fusionlib.fused_modules import (
     LinearReLU,
 )
 from fusionlib import fused_modules
-from fusionlib.modules import set_submodule
+from fusionlib.modules import (HOOK_KINDS, HOOK_LABELS, attach_hook_dicts, hook_attributes, set_submodule,
+                               stacklevel_outside_fusionlib)
 
 __all__ = [
     "FusionError",
@@ -300,24 +300,13 @@ def _overridden_forward_note(op_list: Sequence[type]) -> str:
 # --------------------------------------------------------------------------
 # Moving hooks from the original modules to the fused one
 # --------------------------------------------------------------------------
-_PRE_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
-_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-_BACKWARD_HOOK_DICTS = ("_backward_pre_hooks", "_backward_hooks")
-_HOOK_DICTS = _PRE_HOOK_DICTS + _FORWARD_HOOK_DICTS + _BACKWARD_HOOK_DICTS
-_HOOK_KIND = {
-    "_forward_pre_hooks": "forward pre-hook",
-    "_forward_hooks": "forward hook",
-    "_backward_pre_hooks": "backward pre-hook",
-    "_backward_hooks": "backward hook",
-}
-
 HookDicts = dict[str, "OrderedDict[int, Any]"]
 
 
 def _take_hooks(module: nn.Module) -> HookDicts:
     """Detach every hook dict from ``module`` (leaving it hook-free) and return them."""
     taken = {}
-    for name in _HOOK_DICTS:
+    for name in hook_attributes():
         taken[name] = getattr(module, name, OrderedDict())
         setattr(module, name, OrderedDict())
     return taken
@@ -328,56 +317,33 @@ def _put_back_hooks(module: nn.Module, hooks: HookDicts) -> None:
         setattr(module, name, hook_dict)
 
 
-def _attach_hooks(fused: nn.Module, hooks: HookDicts, names: tuple[str, ...]) -> None:
-    """Give ``fused`` these hook dicts.
-
-    When ``fused`` has none of its own, the dict objects themselves move, so
-    handles returned by ``register_forward_hook`` & co. still remove them.
-    """
-    for name in names:
-        own = getattr(fused, name, None)
-        if not own:
-            setattr(fused, name, hooks[name])
-        else:
-            own.update(hooks[name])
-
-
-def _stacklevel_outside_this_file() -> int:
-    """The warnings stacklevel of the first caller outside fusionlib/fusion.py."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _warn_dropped_hooks(module: nn.Module, hooks: HookDicts, names: tuple[str, ...], role: str) -> None:
-    for name in names:
-        if name not in _HOOK_KIND:
-            continue
-        for hook in hooks[name].values():
+def _warn_dropped_hooks(module: nn.Module, hooks: HookDicts, kinds: tuple[str, ...], role: str) -> None:
+    for kind in kinds:
+        for hook in hooks[HOOK_KINDS[kind][0]].values():
             hook_name = getattr(hook, "__qualname__", None) or repr(hook)
             warnings.warn(
-                f"Fusion drops the {_HOOK_KIND[name]} {hook_name!r} on {_describe(module)}: it is "
+                f"Fusion drops the {HOOK_LABELS[kind]} {hook_name!r} on {_describe(module)}: it is "
                 f"the {role} of the fused group and disappears into the fused module. Only the "
                 "first module's forward pre-hooks and the last module's forward hooks move to "
                 "the fused module; register this hook on the fused module if you still need it.",
                 UserWarning,
-                stacklevel=_stacklevel_outside_this_file(),
+                stacklevel=stacklevel_outside_fusionlib(),
             )
 
 
 def _move_hooks(fused: nn.Module, mod_list: Sequence[nn.Module], hooks: Sequence[HookDicts]) -> None:
     """First module's pre-hooks and last module's forward hooks go to ``fused``; warn for the rest."""
-    _attach_hooks(fused, hooks[0], _PRE_HOOK_DICTS)
-    _attach_hooks(fused, hooks[-1], _FORWARD_HOOK_DICTS)
+    attach_hook_dicts(fused, hooks[0], ("forward_pre",))
+    attach_hook_dicts(fused, hooks[-1], ("forward",))
+    backward = ("backward_pre", "backward")
     last = len(mod_list) - 1
     for position, (module, module_hooks) in enumerate(zip(mod_list, hooks)):
         if position == 0:
-            dropped, role = _FORWARD_HOOK_DICTS + _BACKWARD_HOOK_DICTS, "first module"
+            dropped, role = ("forward", *backward), "first module"
         elif position == last:
-            dropped, role = _PRE_HOOK_DICTS + _BACKWARD_HOOK_DICTS, "last module"
+            dropped, role = ("forward_pre", *backward), "last module"
         else:
-            dropped, role = _HOOK_DICTS, "middle module"
+            dropped, role = tuple(HOOK_KINDS), "middle module"
         _warn_dropped_hooks(module, module_hooks, dropped, role)
 
 

@@ -25,7 +25,8 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = ["eval_mode", "require_eval_mode", "set_submodule", "carry_forward_hooks", "warn_dropped_hooks",
-           "hook_names", "HOOK_KINDS"]
+           "hook_names", "hook_attributes", "attach_hook_dicts", "stacklevel_outside_fusionlib", "HOOK_KINDS",
+           "HOOK_LABELS"]
 
 
 @contextlib.contextmanager
@@ -79,14 +80,31 @@ HOOK_KINDS: dict[str, tuple[str, ...]] = {
     "backward_pre": ("_backward_pre_hooks",),
     "backward": ("_backward_hooks",),
 }
-_LABELS = {"forward_pre": "forward pre-hook", "forward": "forward hook",
+HOOK_LABELS = {"forward_pre": "forward pre-hook", "forward": "forward hook",
            "backward_pre": "backward pre-hook", "backward": "backward hook"}
 
 
 def hook_names(module: nn.Module, kinds: Iterable[str] = tuple(HOOK_KINDS)) -> list[str]:
     """``["forward hook 'log'", ...]``: the hooks of ``module`` of these kinds (keys of ``HOOK_KINDS``), in order."""
-    return [f"{_LABELS[kind]} {getattr(hook, '__qualname__', None) or repr(hook)!r}"
+    return [f"{HOOK_LABELS[kind]} {getattr(hook, '__qualname__', None) or repr(hook)!r}"
             for kind in kinds for hook in getattr(module, HOOK_KINDS[kind][0], {}).values()]
+
+
+def hook_attributes(kinds: Iterable[str] = tuple(HOOK_KINDS)) -> tuple[str, ...]:
+    """The module attributes holding hooks of these kinds (hook dicts, then their flag dicts)."""
+    return tuple(attr for kind in kinds for attr in HOOK_KINDS[kind])
+
+
+def attach_hook_dicts(new: nn.Module, hook_dicts: dict, kinds: Iterable[str]) -> None:
+    """Give ``new`` the hook dicts ``{attribute: OrderedDict}`` of these kinds, before any it already has.
+
+    Where ``new`` has none of a kind, the dict object itself moves, so the handles
+    ``register_forward_hook`` & co. returned still remove the hooks.
+    """
+    for attr in hook_attributes(kinds):
+        theirs, mine = hook_dicts.get(attr), getattr(new, attr, None)
+        if theirs:
+            setattr(new, attr, theirs if not mine else OrderedDict([*theirs.items(), *mine.items()]))
 
 
 def carry_forward_hooks(old: nn.Module, new: nn.Module, name: str = "", *,
@@ -105,19 +123,16 @@ def carry_forward_hooks(old: nn.Module, new: nn.Module, name: str = "", *,
     """
     if old is new:
         return
-    for kind in kinds:
-        for attr in HOOK_KINDS[kind]:
-            theirs, mine = getattr(old, attr, None), getattr(new, attr, None)
-            if not theirs:
-                continue
-            setattr(new, attr, theirs if not mine else OrderedDict([*theirs.items(), *mine.items()]))
+    attach_hook_dicts(new, {attr: getattr(old, attr, None) for attr in hook_attributes(kinds)}, kinds)
+    for attr in hook_attributes(kinds):
+        if getattr(old, attr, None):
             setattr(old, attr, OrderedDict())
     others = tuple(k for k in HOOK_KINDS if k not in kinds)
     warn_dropped_hooks(old, name or "<module>", f"it is replaced by a {type(new).__name__}, which takes only its "
-                       + " and ".join(f"{_LABELS[k]}s" for k in kinds), kinds=others)
+                       + " and ".join(f"{HOOK_LABELS[k]}s" for k in kinds), kinds=others)
 
 
-def _first_frame_outside_fusionlib() -> int:
+def stacklevel_outside_fusionlib() -> int:
     """The ``warnings`` stacklevel of the first caller outside the fusionlib package."""
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
@@ -143,4 +158,4 @@ def warn_dropped_hooks(module: nn.Module, name: str, why: str, *, error: bool = 
     for hook in hooks:
         warnings.warn(f"The {hook} on '{name}' ({type(module).__name__}) is dropped: {why}. Register it on "
                       "the module that replaces it if you still need it.", UserWarning,
-                      stacklevel=_first_frame_outside_fusionlib())
+                      stacklevel=stacklevel_outside_fusionlib())
