@@ -108,3 +108,15 @@ def test_the_checker_sees_lazy_imports_upward_imports_and_circles():
     graph = {"fusionlib.display": found, "fusionlib.zoo": {"fusionlib.models"}, "fusionlib.models": {"fusionlib.zoo"}}
     assert len(upward_imports(graph, layer_table())) == 3  # display -> modules is sideways
     assert circles(graph) == [["fusionlib.zoo", "fusionlib.models", "fusionlib.zoo"]]
+
+
+def test_the_runner_imports_one_way():
+    """Inside the course layer: experiments -> sweeps (plan -> results -> execute -> plot) -> cli; nothing
+    imports the command line."""
+    graph = {m: imported_modules(path.read_text(), m, path.name == "__init__.py") for m, path in MODULES.items()}
+    assert not [m for m, imports in graph.items() if "fusionlib.cli" in imports and m != "fusionlib.__main__"]
+    runner = ["fusionlib.experiments", "fusionlib.sweeps.plan", "fusionlib.sweeps.results",
+              "fusionlib.sweeps.execute", "fusionlib.sweeps.plot", "fusionlib.sweeps", "fusionlib.cli"]
+    for i, module in enumerate(runner):
+        later = [m for m in runner[i + 1:] if m in graph[module]]
+        assert not later, f"{module} imports {later}, which sit above it"

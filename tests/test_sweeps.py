@@ -385,33 +385,3 @@ def test_python_dash_m_fusionlib_is_the_command():
     for option in ("--workers", "--resume", "--executor {local,dask}", "--scheduler ADDRESS", "--timeout"):
         assert option in done.stdout, option
 
-
-def _fusionlib_imports() -> dict[str, set[str]]:
-    """Module -> the fusionlib modules it imports, at any depth in its code (lazy imports count)."""
-    import ast
-
-    root = Path(sweeps.__file__).resolve().parents[1]
-    graph: dict[str, set[str]] = {}
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fusionlib"):
-                found.add(node.module)
-                found.update(f"{node.module}.{a.name}" for a in node.names)
-            elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name.startswith("fusionlib"))
-        graph[name] = found
-    return {m: {i for i in imports if i in graph and i != m} for m, imports in graph.items()}
-
-
-def test_the_runner_imports_one_way():
-    """experiments -> sweeps (plan -> results -> execute -> plot) -> cli; nothing imports the command line."""
-    graph = _fusionlib_imports()
-    assert not [m for m, imports in graph.items() if "fusionlib.cli" in imports and m != "fusionlib.__main__"]
-    runner = ["fusionlib.experiments", "fusionlib.sweeps.plan", "fusionlib.sweeps.results",
-              "fusionlib.sweeps.execute", "fusionlib.sweeps.plot", "fusionlib.sweeps", "fusionlib.cli"]
-    for i, module in enumerate(runner):
-        later = [m for m in runner[i + 1:] if m in graph[module]]
-        assert not later, f"{module} imports {later}, which sit above it"
