@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-__all__ = ["load_yaml", "dump_yaml"]
+__all__ = ["load_yaml", "dump_yaml", "yaml_error"]
 
 
 def _yaml():
@@ -32,3 +32,10 @@ def dump_yaml(value: Any) -> str:
     yaml.default_flow_style = False
     yaml.dump(plain(value), out)
     return out.getvalue()
+
+
+def yaml_error() -> type[Exception]:
+    """The exception :func:`load_yaml` raises for text that is not YAML (imported only when asked for)."""
+    from ruamel.yaml import YAMLError
+
+    return YAMLError

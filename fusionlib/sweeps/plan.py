@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fusionlib.yaml12 import load_yaml
+from fusionlib.yaml12 import load_yaml, yaml_error
 
 __all__ = [
     "SweepError", "FolderInUse", "RunSpec", "load_yaml", "parse_value", "parse_parameters", "load_grid",
@@ -72,17 +72,11 @@ class RunSpec:
 # ---------------------------------------------------------------------------------------------- values
 
 
-def _yaml_error() -> type[Exception]:
-    from ruamel.yaml import YAMLError
-
-    return YAMLError
-
-
 def parse_value(text: str) -> Any:
     """One ``-p`` value: YAML (``1e-3`` -> 0.001, ``[a, b]`` -> a list); text that is not YAML stays a string."""
     try:
         return load_yaml(text)
-    except _yaml_error():
+    except yaml_error():
         return text
 
 
@@ -131,7 +125,7 @@ def load_grid(path: str | Path) -> dict[str, Any]:
         raise SweepError(f"grid file {str(path)!r} does not exist")
     try:
         grid = load_yaml(path.read_text())
-    except _yaml_error() as exc:
+    except yaml_error() as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
@@ -248,7 +242,7 @@ def _plain_value(value: Any) -> bool:
 def _looks_like_other_type(text: str) -> bool:
     try:
         return not isinstance(load_yaml(text), str)
-    except _yaml_error():
+    except yaml_error():
         return True
 
 
