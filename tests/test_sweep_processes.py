@@ -167,11 +167,18 @@ def _blocking_sweep(tmp_path: Path, runs: int) -> tuple[Path, Path]:
     return grid, gate
 
 
+def _foreground_signals() -> None:
+    """What a shell does for a foreground job: Ctrl-C back to its default. A test run started in the
+    background (``make test &``, some CI runners) hands its children SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(grid: Path, workers: int, *extra: str) -> subprocess.Popen:
     """``fusionlib sweep`` in its own session, as a terminal would run it (Ctrl-C reaches its process group)."""
     return subprocess.Popen([sys.executable, "-m", "fusionlib", "sweep", grid.name, "--out", "out",
                              "--workers", str(workers), *extra], cwd=grid.parent, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            preexec_fn=_foreground_signals, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _started(gate: Path) -> list[str]:
