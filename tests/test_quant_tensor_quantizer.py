@@ -111,6 +111,20 @@ def test_quantize_without_amax_is_a_clear_error():
         tq(torch.ones(3))
 
 
+def test_quantizing_while_collecting_statistics_says_disable_quant():
+    tq = TensorQuantizer(QuantDescriptor(name="layer1.0.conv1.input"))
+    tq.enable_calib()  # calibration on, quantization left on: the forgotten disable_quant()
+    with pytest.raises(RuntimeError, match=r"'layer1\.0\.conv1\.input' is collecting calibration statistics with "
+                                           r"quantization on.*disable_quant\(\)"):
+        tq(torch.ones(3))
+    tq.disable_quant()
+    assert torch.equal(tq(torch.ones(3)), torch.ones(3))  # the same quantizer, calibrating as it should
+    tq.load_calib_amax()
+    tq.disable_calib()
+    tq.enable_quant()
+    assert float(tq.amax) == 1.0
+
+
 def test_calibrate_per_channel_weights_of_a_real_model():
     model, _ = zoo.trained_model("resnet18", epochs=3, image_size=32, seed=0, progress=False)
     w = model.layer1[0].conv1.weight.detach()

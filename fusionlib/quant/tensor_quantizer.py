@@ -271,10 +271,15 @@ class TensorQuantizer(nn.Module):
 
         Dynamic: ``amax_along(x, axis)``: ``max |x|`` over the dimensions not in ``axis``
         (detached, at least ``2^-24``, so all-zero data quantizes to 0).
-        Without either, RuntimeError "calibrate first".
+        Without either, RuntimeError "calibrate first" (or, while calibration is on, "disable_quant()").
         """
         amax = self.amax
         if amax is None:
+            if not self._dynamic_amax and self._if_calib:
+                raise RuntimeError(
+                    f"{self._who()} is collecting calibration statistics with quantization on, and has no amax yet: "
+                    "call disable_quant() while calibrating, then load_calib_amax() and enable_quant()"
+                )
             if not self._dynamic_amax:
                 raise RuntimeError(
                     f"{self._who()} has no amax: calibrate first or set amax (quantizer.amax = ...) before quantizing"

@@ -1,4 +1,4 @@
-# expect: 0\.input_quantizer\.amax is off: .*run every batch before loading amax
+# expect: 0\.input_quantizer\.amax is too small: .*run every batch before loading amax
 def calibrate_max(model, batches):
     quantizers = [m for m in model.modules() if isinstance(m, quant.TensorQuantizer)]
     for q in quantizers:
