@@ -1,3 +1,3 @@
-# expect: dtype.*Return float32 values
+# expect: converts to bfloat16 \(Tensor.to\)
 def round_to_bf16(x):
-    return x.to(torch.bfloat16)                                           # a bf16 tensor, not float32 values
+    return x.to(torch.bfloat16)                                           # the shortcut the prompt rules out (and bf16 out)
