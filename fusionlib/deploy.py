@@ -2,7 +2,16 @@ r"""Deployment to ONNX Runtime: export any model the course builds, run it, and 
 
 **Export.** :func:`export_onnx` calls ``torch.onnx.export(..., dynamo=False,
 opset_version=17)``: the TorchScript-based exporter traces one forward and
-translates each aten op to ONNX ops. In eval mode that exporter already folds
+translates each aten op to ONNX ops. That exporter is deprecated (since torch
+2.9 ``dynamo=True``, built on ``torch.export``, is the default; it needs the
+onnxscript package). It stays pinned here because ``torch.export`` cannot
+capture our quantizers: they read tensor values in Python (``check_amax``
+validates amax, the per-tensor step goes to torch's fake-quant op as a Python
+float), which ``torch.export`` refuses as data-dependent, while the tracer
+records those values as constants (the TracerWarnings :func:`_quiet_exporter`
+silences). The dynamo exporter does translate torch's fake-quant ops to
+Q/DQ pairs; what replaces this path is a quantized model it can capture, such
+as torchao's PT2E flow (``prepare_pt2e`` / ``convert_pt2e``). In eval mode that exporter already folds
 ``Conv → BatchNormalization`` itself (its "eval peephole", the fold of
 notebook 02); ``keep_batchnorm=True`` exports the BatchNorm nodes as they
 are, so ONNX Runtime's own fold can be seen. The graph is checked with
@@ -96,6 +105,7 @@ __all__ = [
     "constant_values",
     "compact_qdq",
     "file_size_mb",
+    "top1_agreement",
 ]
 
 #: The ONNX opset every export uses (QuantizeLinear / DequantizeLinear per channel need >= 13).
@@ -537,6 +547,21 @@ def op_count_table(columns: dict[str, dict[str, int]]) -> tuple[list[str], list[
 
 def file_size_mb(path: str | os.PathLike) -> float:
     return Path(path).stat().st_size / 1e6
+
+
+def top1_agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Share of rows on which two logit tensors ``[N, classes]`` pick the same class: ``mean(argmax a == argmax b)``.
+
+    The int8 gate of notebook 16 (an ONNX Runtime int8 graph against the
+    fake-quant model it came from). Ties in a row go to the first largest logit,
+    as ``argmax`` breaks them.
+    """
+    if not (isinstance(reference, torch.Tensor) and isinstance(other, torch.Tensor)):
+        raise TypeError(f"top1_agreement takes two tensors, got {type(reference).__name__} and {type(other).__name__}")
+    if reference.dim() != 2 or reference.shape != other.shape or reference.shape[0] == 0:
+        raise ValueError(f"top1_agreement takes two logit tensors of the same shape [N, classes] with N > 0, got "
+                         f"{tuple(reference.shape)} and {tuple(other.shape)}")
+    return float((reference.argmax(1) == other.argmax(1)).float().mean())
 
 
 def node_rows(model_or_path: Any, limit: int | None = 12) -> list[list[str]]:

@@ -321,3 +321,18 @@ def test_dynamic_and_scaled_amax_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"scale_amax set .*: 1.input_quantizer"):
         deploy.export_onnx(model, x, tmp_path / "scaled.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_top1_agreement_counts_rows_with_the_same_class_and_refuses_other_shapes():
+    a = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    b = torch.tensor([[0.2, 0.8], [0.1, 0.9], [0.4, 0.6], [0.5, 0.5]])   # rows 0 and 2 agree; row 3 ties -> class 0
+    assert deploy.top1_agreement(a, b) == pytest.approx(0.75)
+    assert deploy.top1_agreement(a, a.clone()) == 1.0
+    with pytest.raises(ValueError, match=r"same shape \[N, classes\]"):
+        deploy.top1_agreement(a, b[:3])
+    with pytest.raises(ValueError, match="N > 0"):
+        deploy.top1_agreement(a[:0], b[:0])
+    with pytest.raises(ValueError, match=r"\(8,\)"):
+        deploy.top1_agreement(a.flatten(), b.flatten())
+    with pytest.raises(TypeError, match="two tensors"):
+        deploy.top1_agreement(a, b.tolist())
