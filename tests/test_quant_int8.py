@@ -11,8 +11,8 @@ from torch import nn
 import fusionlib
 from fusionlib import data, zoo
 from fusionlib.quant import QuantDescriptor, TensorQuantizer, calibrate, calibrate_weights, quantize, quantizers
-from fusionlib.quant.int8 import (activation_qparams, convert_int8, int8_sums_exact, missing_amax, model_size_bytes,
-                                  quantized_weight)
+from fusionlib.quant.int8 import (activation_qparams, conv_layers, convert_int8, has_relu, int8_sums_exact, missing_amax,
+                                  model_size_bytes, quantized_weight)
 
 #: Agreement with fake quant holds where torch's int8 kernels add in 32 bits (fusionlib.quant.int8 docstring).
 needs_vnni = pytest.mark.xfail(not int8_sums_exact(), strict=False,
@@ -122,6 +122,21 @@ def test_four_bit_weights_convert_too(digits):
     q = convert_int8(gm.eval())
     top1, rel = _agreement(gm, q, digits[1][:3])
     assert top1 >= 0.98 and rel < 0.05
+
+
+def test_conv_layers_lists_the_int8_convolutions_and_their_fused_relu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = prepare_qat(model, x)
+    calibrate(gm, [(x, None)])
+    q = convert_int8(gm.eval())
+    layers = conv_layers(q)
+    assert [name for name, _ in layers] == ["0", "3"]
+    assert [has_relu(m) for _, m in layers] == [True, False]
+    assert all(m.weight().dtype == torch.qint8 for _, m in layers)
+    assert conv_layers(model) == []
 
 
 def test_uncalibrated_model_names_the_quantizers_without_amax():

@@ -81,7 +81,8 @@ from fusionlib.quant.qat import (
 )
 from fusionlib.quant.tensor_quantizer import TensorQuantizer
 
-__all__ = ["activation_qparams", "quantized_weight", "convert_int8", "torch_int8", "model_size_bytes", "missing_amax"]
+__all__ = ["activation_qparams", "quantized_weight", "convert_int8", "torch_int8", "model_size_bytes", "missing_amax",
+           "conv_layers", "has_relu"]
 
 ENGINE = "x86"
 #: torch 2.10+ warns that creating quantized tensors is deprecated; the x86 kernels are what this module measures.
@@ -363,6 +364,22 @@ def torch_int8(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.T
         if seen == 0:
             raise ValueError("torch_int8: batches yielded nothing")
         return convert_fx(prepared).eval()
+
+
+def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every int8 convolution of ``model`` (``nnq.Conv2d``, fused ReLU or not), in order.
+
+    Each holds ``weight()`` (a ``qint8`` tensor: ``int_repr()``, per-channel
+    scales), ``bias()`` (float), ``scale`` / ``zero_point`` of its output, and
+    ``stride``, ``padding``, ``dilation``, ``groups``; ``has_relu`` says
+    whether a ReLU is fused (the output clamps at its zero point).
+    """
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nnq.Conv2d)]
+
+
+def has_relu(conv: nn.Module) -> bool:
+    """Whether an int8 convolution of :func:`conv_layers` has a fused ReLU (``ConvReLU2d``)."""
+    return isinstance(conv, nniq.ConvReLU2d)
 
 
 def model_size_bytes(model: nn.Module) -> int:
