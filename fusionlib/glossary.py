@@ -83,6 +83,8 @@ GLOSSARY: tuple[Quantity, ...] = (
              "layers, the precision, model)", "dimensionless in [-1, 1]"),
     Quantity("identical_fraction", "fraction of elements on which two implementations give bit-identical results "
              "(details: which two, on what)", "fraction in [0, 1]"),
+    Quantity("max_lsb_error", "largest difference, in quantization steps (LSB), between two integer outputs on the "
+             "same grid (details: which two, the input grid, model)", "steps"),
     Quantity("grid_fraction", "share of weights that lie on a quantization grid, i.e. are integer multiples of "
              "their channel's step amax / qmax (details: which weights, which grid, model)", "fraction in [0, 1]"),
     Quantity("model_mb", "size on disk of a model's state dict written by torch.save (details: fp32 or int8, "
