@@ -46,6 +46,9 @@ __all__ = [
     "rdrop_loss",
     "rdrop_forward",
     "symmetric_kl_per_sample",
+    "SubnetworkGap",
+    "classifier_dropout",
+    "subnetwork_gap",
 ]
 
 #: How :func:`compute_kl_loss` reduces the element-wise KL: ``"sum"`` (the paper's code), ``"batchmean"``, ``"mean"``.
@@ -292,3 +295,71 @@ def symmetric_kl_per_sample(logits1: torch.Tensor, logits2: torch.Tensor) -> tor
     with _kl_precision(logits1, logits2) as (logits1, logits2):
         lp, lq = F.log_softmax(logits1, dim=-1), F.log_softmax(logits2, dim=-1)
         return 0.5 * ((lp.exp() * (lp - lq)).sum(-1) + (lq.exp() * (lq - lp)).sum(-1))
+
+
+def classifier_dropout(model: nn.Module) -> tuple[nn.Dropout, nn.Linear]:
+    """The classifier's ``(Dropout, Linear)``: the last two children of the model's last ``nn.Sequential`` that ends so.
+
+    Both course models end that way (``fc`` of ``models.resnet18(dropout=p)``,
+    ``classifier`` of MobileNetV2); a model without such a head is an error.
+    """
+    for name, module in reversed(list(model.named_modules())):
+        children = list(module.children()) if isinstance(module, nn.Sequential) else []
+        if len(children) >= 2 and isinstance(children[-2], nn.Dropout) and isinstance(children[-1], nn.Linear):
+            return children[-2], children[-1]
+    raise ValueError(f"{type(model).__name__} has no classifier ending in nn.Sequential(..., nn.Dropout, nn.Linear); "
+                     "build the course models with models.build(name, dropout=p)")
+
+
+@dataclass(frozen=True)
+class SubnetworkGap:
+    """Agreement of a model's dropout sub-networks, on one test set (see :func:`subnetwork_gap`).
+
+    ``full_accuracy``: the full network (eval mode); ``sub_accuracy``: the mean
+    accuracy of single sub-networks; ``kl_sub_sub``: the mean symmetric KL per
+    sample between two independent sub-networks; ``kl_sub_full``: between a
+    sub-network and the full network.
+    """
+
+    full_accuracy: float
+    sub_accuracy: float
+    kl_sub_sub: float
+    kl_sub_full: float
+
+
+def subnetwork_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mask_samples: int, seed: int = 0) -> SubnetworkGap:
+    """How far the model's dropout sub-networks are from each other and from the full network.
+
+    The dropout sits only in the classifier (:func:`classifier_dropout`), so
+    the features ``h`` in front of it are computed once (eval mode) and
+    ``mask_samples`` pairs of inverted-dropout masks ``m ~ Bernoulli(1 - p) / (1 - p)``
+    are drawn from a generator seeded with ``seed``; each pair gives two
+    sub-networks ``z_k = linear(h * m_k)``. Returns the means over the masks of
+    the sub-network accuracy, of ``KL_sym(z_1, z_2)`` and of ``KL_sym(z_1, z_full)``
+    (:func:`symmetric_kl_per_sample`, averaged over the samples).
+    """
+    if mask_samples < 1:
+        raise ValueError(f"mask_samples must be at least 1, got {mask_samples}")
+    drop, linear = classifier_dropout(model)
+    captured: dict[str, torch.Tensor] = {}
+    handle = drop.register_forward_hook(lambda module, inputs, output: captured.update(h=inputs[0]))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            full_logits = model.eval()(x)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    h, p = captured["h"], drop.p
+    generator = torch.Generator().manual_seed(seed)
+    sub_acc, kl_subs, kl_full = [], [], []
+    with torch.no_grad():
+        for _ in range(mask_samples):
+            masks = (torch.rand(2, *h.shape, generator=generator) >= p).to(h.dtype) / (1 - p)
+            z1, z2 = linear(h * masks[0]), linear(h * masks[1])
+            sub_acc.append(float((z1.argmax(1) == y).float().mean()))
+            kl_subs.append(float(symmetric_kl_per_sample(z1, z2).mean()))
+            kl_full.append(float(symmetric_kl_per_sample(z1, full_logits).mean()))
+    return SubnetworkGap(full_accuracy=float((full_logits.argmax(1) == y).float().mean()),
+                         sub_accuracy=sum(sub_acc) / mask_samples, kl_sub_sub=sum(kl_subs) / mask_samples,
+                         kl_sub_full=sum(kl_full) / mask_samples)

@@ -353,3 +353,41 @@ def test_rdrop_runs_are_cached_by_every_parameter(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"rdrop-resnet18-{first['key']}.pt"]
     with pytest.raises(ValueError, match="rep_resnet18"):
         zoo.trained_model("rep_resnet18", "rdrop", **kwargs)
+
+
+def _tiny_classifier(p: float) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Sequential(nn.Dropout(p), nn.Linear(16, 4)))
+
+
+def test_classifier_dropout_finds_the_heads_of_both_course_models():
+    for name in ("resnet18", "mobilenet_v2"):
+        drop, linear = rdrop.classifier_dropout(models.build(name, dropout=0.2))
+        assert isinstance(drop, nn.Dropout) and drop.p == 0.2 and isinstance(linear, nn.Linear)
+    with pytest.raises(ValueError, match="no classifier ending in"):
+        rdrop.classifier_dropout(nn.Sequential(nn.Linear(3, 2)))
+
+
+def test_subnetwork_gap_without_dropout_is_the_full_network():
+    x, y = torch.randn(32, 3, 2, 2), torch.randint(0, 4, (32,))
+    gap = rdrop.subnetwork_gap(_tiny_classifier(0.0), x, y, mask_samples=3)
+    assert gap.sub_accuracy == gap.full_accuracy
+    assert gap.kl_sub_sub == 0.0 and gap.kl_sub_full == 0.0
+
+
+def test_subnetwork_gap_matches_masks_drawn_by_hand():
+    model = _tiny_classifier(0.5).train()
+    x, y = torch.randn(32, 3, 2, 2), torch.randint(0, 4, (32,))
+    gap = rdrop.subnetwork_gap(model, x, y, mask_samples=4, seed=3)
+    assert model.training                                        # the caller's mode is restored
+    drop, linear = model[3][0], model[3][1]
+    with torch.no_grad():
+        h = model[2](model[1](model[0](x)))
+        full = linear(h)
+        generator = torch.Generator().manual_seed(3)
+        kl = []
+        for _ in range(4):
+            masks = (torch.rand(2, *h.shape, generator=generator) >= 0.5).float() / 0.5
+            kl.append(float(rdrop.symmetric_kl_per_sample(linear(h * masks[0]), linear(h * masks[1])).mean()))
+    assert gap.full_accuracy == float((full.argmax(1) == y).float().mean())
+    assert gap.kl_sub_sub == pytest.approx(sum(kl) / 4, rel=1e-6) and gap.kl_sub_sub > 0
