@@ -296,11 +296,14 @@ def qat_run(
     fp32_epochs: int = 3,
     image_size: int = 32,
     progress: bool = True,
+    weight_per_channel: bool = True,
+    activation_bits: int = 8,
 ) -> Run:
     """The plain checkpoint (``fp32_epochs``) fine-tuned with QAT; cached as ``qat-{name}-{key}.pt``.
 
-    Steps: :func:`fusionlib.quant.qat.prepare_qat` (per-channel
-    ``weight_bits`` weights, 8-bit activations), ``calibrate`` (max,
+    Steps: :func:`fusionlib.quant.qat.prepare_qat` (``weight_bits`` weights,
+    one amax per output channel, or per tensor with ``weight_per_channel=False``;
+    ``activation_bits`` activations, per tensor), ``calibrate`` (max,
     ``calib_batches`` training batches: the PTQ starting point), then
     :func:`fusionlib.train.fit` for ``epochs`` with peak rate ``lr``, BatchNorm
     training with batch statistics and the running-statistics correction.
@@ -322,12 +325,18 @@ def qat_run(
               "freeze_bn_epoch": freeze_bn_epoch, "calib_batches": int(calib_batches), "learn_amax": bool(learn_amax),
               "seed": int(seed), "fp32_epochs": int(fp32_epochs), "image_size": int(image_size),
               "qat_version": QAT_CACHE_VERSION}
+    # in the key only when not the default, so the runs cached before these two options keep their keys
+    if not weight_per_channel:
+        params["weight_per_channel"] = False
+    if int(activation_bits) != 8:
+        params["activation_bits"] = int(activation_bits)
     key = cache_key(params)
     fp32, fp32_metrics = trained_model(name, epochs=fp32_epochs, image_size=image_size, seed=seed, progress=progress)
     train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
     example = next(iter(test_loader))[0]
-    quant_desc_weight = QuantDescriptor(num_bits=int(weight_bits), axis=0, learn_amax=bool(learn_amax))
-    quant_desc_input = QuantDescriptor(num_bits=8, learn_amax=bool(learn_amax))
+    quant_desc_weight = QuantDescriptor(num_bits=int(weight_bits), axis=0 if weight_per_channel else None,
+                                        learn_amax=bool(learn_amax))
+    quant_desc_input = QuantDescriptor(num_bits=int(activation_bits), learn_amax=bool(learn_amax))
 
     def fresh_model() -> nn.Module:
         return prepare_qat(fp32, example, quant_desc_weight=quant_desc_weight, quant_desc_input=quant_desc_input)

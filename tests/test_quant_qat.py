@@ -435,3 +435,29 @@ def test_prepare_qat_moves_hooks_by_the_policy():
 def test_old_descriptor_names_are_a_clear_error():
     with pytest.raises(TypeError, match="quant_desc_weight, quant_desc_input and quant_desc_model_input"):
         prepare_qat(nn.Conv2d(3, 3, 1), weight_desc=QuantDescriptor())
+
+
+# ---------------------------------------------------------------------- zoo: the QAT run's cache key and descriptors
+def test_qat_run_weight_granularity_and_activation_bits_key_and_build():
+    """Defaults keep the key they had before the two options; each option changes the key and the quantizers."""
+    from fusionlib import zoo
+    from fusionlib.quant import TensorQuantizer
+
+    base = dict(name="resnet18", weight_bits=4, epochs=1, lr=0.005, freeze_bn_epoch=None, calib_batches=4,
+                learn_amax=False, seed=0, fp32_epochs=3, image_size=32)
+    legacy_key = zoo.cache_key({**base, "weight_bits": 4, "qat_version": zoo.QAT_CACHE_VERSION})
+    default = zoo.qat_run(**base, progress=False)
+    assert default.path.name == f"qat-resnet18-{legacy_key}.pt"
+    per_tensor = zoo.qat_run(**base, weight_per_channel=False, progress=False)
+    act4 = zoo.qat_run(**base, activation_bits=4, progress=False)
+    assert len({default.path, per_tensor.path, act4.path}) == 3
+
+    def descriptors(run):
+        gm = run.fresh_model()
+        weights = {q.axis for n, q in gm.named_modules() if isinstance(q, TensorQuantizer) and n.endswith("weight_quantizer")}
+        acts = {q.num_bits for n, q in gm.named_modules() if isinstance(q, TensorQuantizer) and "act_quant" in n}
+        return weights, acts
+
+    assert descriptors(default) == ({(0,)}, {8})
+    assert descriptors(per_tensor) == ({None}, {8})
+    assert descriptors(act4)[1] == {4}

@@ -1,5 +1,5 @@
 # expect: conv was modified
-def qat_weight(conv, bn):
+def deployed_bias(conv, bn):
     s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight.mul_(s.reshape(-1, 1, 1, 1))      # folds into the conv itself
-    return conv.weight
+    conv.bias.sub_(bn.running_mean).mul_(s).add_(bn.bias)         # folds into the conv's own bias
+    return conv.bias
