@@ -85,7 +85,8 @@ def exercise_2(symmetric_kl: Callable[..., Any], seed: int) -> str:
         exercises.fail(f"{name} is off (too small): it is divided by the number of rows, as "
                        "F.kl_div(..., reduction=\"batchmean\") does; the exercise asks for the sum over rows "
                        "(reduction=\"sum\").")
-    _off(value, want, name=name, rtol=1e-5, hint="Both directions, halved, summed over rows: 0.5 * (KL(P||Q) + KL(Q||P)).")
+    _off(value, want, name=name, rtol=1e-5, hint="Both directions, halved, summed over rows: 0.5 * (KL(P||Q) + KL(Q||P)); "
+                                                      "F.kl_div(input, target) takes input as log-probabilities.")
     swapped = symmetric_kl(q, p)
     exercises.expect(isinstance(swapped, torch.Tensor) and abs(swapped.item() - value) <= 1e-5 * abs(value),
                      "symmetric_kl(q, p) differs from symmetric_kl(p, q): the symmetric KL does not depend on the order.")
