@@ -7,7 +7,6 @@ expected value (see :mod:`fusionlib.checks`).
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
@@ -85,7 +84,8 @@ def exercise_2(merge_1x1_into_kxk: Callable[[nn.Conv2d, nn.Conv2d], Any], seed: 
                      f"the merged conv's bias has shape {tuple(mine_b.shape)}: one entry per output channel.")
     if _max_error(mine_b, bias) > 1e-6:
         if _max_error(mine_b, conv_kxk.bias.detach()) <= 1e-6:
-            exercises.fail("the merged conv's bias is conv_kxk's alone; b' = b_kxk + b_1x1: both convs have a bias here.")
+            exercises.fail("the merged conv's bias is conv_kxk's alone; "
+                           "b' = b_kxk + b_1x1: both convs have a bias here.")
         exercises.fail("the merged conv's bias is off; b' = b_kxk + b_1x1: both convs have a bias here.")
     x = torch.randn(2, 4, 11, 11, generator=g)
     with torch.no_grad():

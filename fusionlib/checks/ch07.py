@@ -263,6 +263,7 @@ def exercise_3(best_amax: Callable[[torch.Tensor, int, list], Any]) -> str:
     elif picks([-e for e in errors]):
         hint = "That is the largest error: take the minimum."
     else:
-        hint = "Fake-quantize x with each candidate (unsigned grid, num_bits), and keep the smallest mean squared error."
+        hint = ("Fake-quantize x with each candidate (unsigned grid, num_bits), and keep the smallest "
+                "mean squared error.")
     exercises.fail(f"{direction(float(chosen), want, name=name, rtol=1e-9)}: it is not the candidate with the "
                    f"smallest mean squared error. {hint}")
