@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import pytest
@@ -465,3 +466,17 @@ def test_load_calib_amax_strict_false_skips_quantizers_without_data():
         loaded = load_calib_amax(model, "mse", strict=False)
     assert "1.input_quantizer" not in loaded and torch.equal(model[1].input_quantizer.amax, old)
     assert set(loaded) == set(quantizers(model)) - {"1.input_quantizer"}
+
+
+def test_sensitivity_report_share_and_ratio_to_next():
+    from fusionlib.quant.ptq import LayerSensitivity, SensitivityReport
+
+    rows = [LayerSensitivity("a", -0.06, 0.06), LayerSensitivity("b", -0.02, 0.02), LayerSensitivity("c", -0.02, 0.02),
+            LayerSensitivity("d", 0.01, -0.01)]                      # d scores better quantized: it carries nothing
+    report = SensitivityReport(0.0, -0.1, rows)
+    assert report.share() == pytest.approx(0.6) and report.share(2) == pytest.approx(0.8) and report.share(9) == 1.0
+    assert report.ratio_to_next() == pytest.approx(3.0)
+    flat = SensitivityReport(0.0, 0.0, [LayerSensitivity("a", 0.0, 0.0), LayerSensitivity("b", 0.0, 0.0)])
+    assert flat.share() == 0.0 and math.isnan(flat.ratio_to_next())
+    alone = SensitivityReport(0.0, -0.1, [LayerSensitivity("a", -0.1, 0.1), LayerSensitivity("b", 0.0, 0.0)])
+    assert alone.share() == 1.0 and alone.ratio_to_next() == math.inf

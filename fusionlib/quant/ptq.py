@@ -424,6 +424,22 @@ class SensitivityReport:
         """The names of the ``k`` layers whose quantization alone costs the most."""
         return [row.layer for row in self.rows[:k]]
 
+    def share(self, k: int = 1) -> float:
+        """How much of the sensitivity the top ``k`` layers carry: ``sum_{i<k} d_i^+ / sum_i d_i^+``.
+
+        ``d_i^+ = max(drop_i, 0)`` (a layer that scores better quantized carries none); 0.0 when no layer drops.
+        """
+        drops = [max(row.drop, 0.0) for row in self.rows]
+        total = sum(drops)
+        return sum(drops[:k]) / total if total > 0 else 0.0
+
+    def ratio_to_next(self) -> float:
+        """``d_0^+ / d_1^+``: the top layer's drop over the next one's (``inf`` when the next drops nothing)."""
+        drops = [max(row.drop, 0.0) for row in self.rows[:2]]
+        if len(drops) < 2 or drops[1] == 0.0:
+            return math.inf if drops and drops[0] > 0 else float("nan")
+        return drops[0] / drops[1]
+
     def table(self, limit: int | None = None) -> str:
         rows = self.rows if limit is None else self.rows[:limit]
         return format_table(["layer", "metric (this layer quantized)", "drop vs float"],
