@@ -77,10 +77,12 @@ __all__ = [
     "expect_state_close",
     "expect_type",
     "expect_unchanged",
+    "direction",
     "fail",
     "is_todo",
     "mode",
     "set_mode",
+    "shape_problem",
     "snapshot",
 ]
 
@@ -222,15 +224,61 @@ def _equal(actual: Any, expected: Any) -> bool:
     return actual == expected
 
 
+def direction(actual: float, expected: float, *, name: str, rtol: float = 1e-6) -> str:
+    """What is wrong with a number, and which way, without the expected value.
+
+    ``"step is too large"``, ``"step is too small"``, ``"step has the wrong sign"``,
+    ``"step should be zero"``; an empty string when ``actual`` is within ``rtol``
+    of ``expected``.
+    """
+    if abs(actual - expected) <= rtol * max(abs(expected), 1e-30):
+        return ""
+    if expected != 0 and actual != 0 and (actual > 0) != (expected > 0):
+        return f"{name} has the wrong sign"
+    if expected == 0:
+        return f"{name} should be zero"
+    return f"{name} is {'too large' if abs(actual) > abs(expected) else 'too small'}"
+
+
+def shape_problem(actual: tuple[int, ...], expected: tuple[int, ...], *, name: str) -> str:
+    """What is wrong with a shape, without the expected shape: the number of dims, or the first wrong dim."""
+    actual, expected = tuple(actual), tuple(expected)
+    if len(actual) != len(expected):
+        fewer = "too few" if len(actual) < len(expected) else "too many"
+        return f"{name} has shape {actual}: {fewer} dimensions ({len(actual)})"
+    dim = next(i for i, (a, e) in enumerate(zip(actual, expected)) if a != e)
+    size = "too small" if actual[dim] < expected[dim] else "too large"
+    return f"{name} has shape {actual}: dimension {dim} ({actual[dim]}) is {size}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def expect_equal(actual: Any, expected: Any, *, name: str, hint: str = "") -> None:
-    """``actual == expected`` (a bool only equals a bool), or ``"<name> is <actual>, expected <expected>. <hint>"``."""
+    """``actual == expected`` (a bool only equals a bool); else a message that never states ``expected``.
+
+    Numbers get a direction (``"n_test is 359: that is too small"``); sequences the
+    positions that differ, or too few / too many items; other values only that
+    they are not right. The ``hint`` says why.
+    """
     _require_attempted(actual, name)
-    if not _equal(actual, expected):
-        off = ""
-        if isinstance(actual, (int, float)) and isinstance(expected, (int, float)) and not isinstance(actual, bool):
-            diff = actual - expected
-            off = f" ({diff:+d})" if isinstance(diff, int) else f" ({diff:+.6g})"
-        fail(f"{name} is {actual!r}{off}, expected {expected!r}." + (f" {hint}" if hint else ""))
+    if _equal(actual, expected):
+        return
+    if _is_number(actual) and _is_number(expected):
+        message = f"{name} is {actual!r}: that {direction(actual, expected, name='', rtol=0.0).strip()}."
+    elif isinstance(actual, bool) != isinstance(expected, bool):
+        message = f"{name} is {actual!r}, of type {type(actual).__name__}; the answer is of type {type(expected).__name__}."
+    elif isinstance(actual, (list, tuple)) and isinstance(expected, (list, tuple)):
+        if len(actual) != len(expected):
+            count = "too few" if len(actual) < len(expected) else "too many"
+            message = f"{name} is {actual!r}: {count} items ({len(actual)})."
+        else:
+            wrong = [i for i, (a, e) in enumerate(zip(actual, expected)) if not _equal(a, e)]
+            message = f"{name} is {actual!r}: wrong at position{'s' if len(wrong) > 1 else ''} {wrong}."
+    else:
+        message = f"{name} is {actual!r}, which is not right."
+    fail(message + (f" {hint}" if hint else ""))
 
 
 def expect_type(obj: Any, expected: type | tuple[type, ...], *, name: str) -> None:
@@ -259,22 +307,26 @@ def tensor_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, f
 
 
 def expect_close(actual: Any, expected: Any, *, name: str, rtol: float = 1e-5, hint: str = "") -> None:
-    """Same shape, and ``max|a - e| / max|e| <= rtol``; the message gives shapes or errors and where.
+    """Same shape, and ``max|a - e| / max|e| <= rtol``; the message never states the expected values.
 
-    Example message: ``w_folded is off: max abs error 0.0126 at [1], max rel
-    error 0.0042 (tolerance 1e-05). Did you forget eps?``
+    Example messages: ``w_folded is off: max rel error 0.0042 at [1]
+    (tolerance 1e-05); there yours is too large. Did you forget eps?``, and for
+    a single number only its direction: ``b_folded is too small.``
     """
     a, e = _as_tensor(actual, name), _as_tensor(expected, f"reference for {name}")
     if a.shape != e.shape:
-        fail(f"{name} has shape {tuple(a.shape)}, expected {tuple(e.shape)}." + (f" {hint}" if hint else ""))
+        fail(f"{shape_problem(tuple(a.shape), tuple(e.shape), name=name)}." + (f" {hint}" if hint else ""))
     max_abs, max_rel, index = tensor_error(a, e)
     if math.isnan(max_rel) or max_rel > rtol:
-        where = f" at {list(index)}" if index else ""
-        value = f" (yours {float(a[index]):.6g}, expected {float(e[index]):.6g})" if not math.isnan(max_rel) else ""
-        fail(
-            f"{name} is off: max abs error {max_abs:.3g}{where}{value}, max rel error {max_rel:.3g} "
-            f"(tolerance {rtol:.0e})." + (f" {hint}" if hint else "")
-        )
+        if math.isnan(max_rel):
+            problem = f"{name} is off: it holds nan"
+        elif a.numel() == 1:          # one number: only which way (its error would give the answer away)
+            problem = direction(float(a.reshape(())), float(e.reshape(())), name=name, rtol=rtol)
+        else:
+            where = f" at {list(index)}" if index else ""
+            way = direction(float(a[index]), float(e[index]), name="yours", rtol=0.0)
+            problem = f"{name} is off: max rel error {max_rel:.3g}{where} (tolerance {rtol:.0e}); there {way}"
+        fail(problem + "." + (f" {hint}" if hint else ""))
 
 
 def _state(module_or_dict: Any) -> dict[str, torch.Tensor]:
@@ -306,7 +358,7 @@ def expect_state_close(actual: Any, expected: Any, *, name: str, rtol: float = 1
             continue
         a, e = mine[key], expected_tensor
         if a.shape != e.shape:
-            problems.append(f"{key} has shape {tuple(a.shape)}, expected {tuple(e.shape)}")
+            problems.append(shape_problem(tuple(a.shape), tuple(e.shape), name=key))
             continue
         if not (a.is_floating_point() or e.is_floating_point()):
             (fine if torch.equal(a, e) else problems).append(key if torch.equal(a, e) else f"{key} differs")

@@ -27,6 +27,7 @@ import sys
 from typing import Any, Callable, Iterable
 
 from fusionlib import exercises
+from fusionlib.exercises import direction  # one home: the exercise helper
 
 __all__ = ["calls_to", "forbid_calls", "direction"]
 
@@ -78,19 +79,3 @@ def forbid_calls(watched: Iterable[Callable], rule: str, fn: Callable, *args: An
     result, called = calls_to(watched, fn, *args, **kwargs)
     exercises.expect(not called, f"your answer calls {', '.join(called)}: {rule}")
     return result
-
-
-def direction(actual: float, expected: float, *, name: str, rtol: float = 1e-6) -> str:
-    """A message for a wrong number that says which way it is off, never the expected value.
-
-    ``"step is too large"``, ``"step has the wrong sign"``; an empty string
-    when ``actual`` is within ``rtol`` of ``expected``.
-    """
-    if abs(actual - expected) <= rtol * max(abs(expected), 1e-30):
-        return ""
-    if expected != 0 and actual != 0 and (actual > 0) != (expected > 0):
-        return f"{name} has the wrong sign"
-    if expected == 0:
-        return f"{name} should be zero"
-    word = "too large" if abs(actual) > abs(expected) else "too small"
-    return f"{name} is {word}"

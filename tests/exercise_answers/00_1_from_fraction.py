@@ -1,2 +1,2 @@
-# expect: n_test is 359 \(-1\), expected 360\. The split is stratified
+# expect: n_test is 359: that is too small\. The split is stratified a
 n_test = int(0.2 * 1797)
