@@ -1,4 +1,4 @@
-r"""Deployment to ONNX Runtime: export any model the course builds, run it, and read what the runtime did (notebook 16).
+r"""Deployment to ONNX Runtime and OpenVINO: export any course model, run it, read what the runtime did (notebook 16).
 
 **Export.** :func:`export_onnx` calls ``torch.onnx.export(..., dynamo=False,
 opset_version=17)``: the TorchScript-based exporter traces one forward and
@@ -56,9 +56,29 @@ Conv+activation fusion, Q/DQ → QLinear* kernels, NCHWc / NHWC layout
 transforms) and :func:`op_counts` / :func:`op_count_table` count its nodes by
 op type next to the exported ones.
 
+**Run with OpenVINO.** :func:`ov_compile` reads the same file with
+OpenVINO's own ONNX frontend and compiles it for its CPU plugin (built on
+oneDNN); the :class:`OvModule` it returns is an ``nn.Module`` like
+:class:`OrtModule`. It asks for ``threads`` inference threads, one stream
+(one request at a time), the latency hint, no CPU pinning (the caller's
+threads stay free to move), and an inference precision (``INFERENCE_PRECISION_HINT``):
+``"f32"`` by default, because on a CPU with AVX-512 BF16 or AMX the plugin's
+own default is bf16, which runs an fp32 model in bfloat16 (8 significant
+bits) without a word. ``precision=None`` keeps the plugin's default.
+:attr:`OvModule.precision` is the precision the compiled model reports, which
+is what it runs: a hint the CPU cannot honour (bf16 without a bf16 unit)
+falls back to f32, and :func:`ov_cpu_plugin` says what the plugin's default
+is on this CPU. On a Q/DQ file, OpenVINO's low-precision transformations run
+the quantized convolutions on integer kernels (:meth:`OvModule.runtime_precisions`
+counts the executed layers by the precision they run in), whatever the
+precision hint says about the float parts.
+
 onnx and onnxruntime are an optional extra (``pip install -e '.[deploy]'``):
 without them, :func:`available` is False and every function that needs them
-raises :class:`DeployUnavailable` with that one-line hint.
+raises :class:`DeployUnavailable` with that one-line hint. openvino, in the
+same extra, has its own check (:func:`openvino_available`): without it only
+the OpenVINO functions raise, and notebook cells started with ``%%openvino``
+are skipped while the ``%%onnx`` ones still run.
 """
 from __future__ import annotations
 
@@ -106,6 +126,13 @@ __all__ = [
     "compact_qdq",
     "file_size_mb",
     "top1_agreement",
+    "OV_INSTALL_HINT",
+    "OV_PRECISIONS",
+    "openvino_available",
+    "openvino_status_line",
+    "ov_cpu_plugin",
+    "OvModule",
+    "ov_compile",
 ]
 
 #: The ONNX opset every export uses (QuantizeLinear / DequantizeLinear per channel need >= 13).
@@ -113,26 +140,30 @@ OPSET = 17
 #: The exporter :func:`export_onnx` calls.
 EXPORTER = "torch.onnx.export, TorchScript-based (dynamo=False)"
 INSTALL_HINT = "pip install -e '.[deploy]'  (or: pip install onnx onnxruntime)"
+OV_INSTALL_HINT = "pip install -e '.[deploy]'  (or: pip install openvino)"
+#: The inference precisions :func:`ov_compile` can ask OpenVINO's CPU plugin for (``None``: the plugin's default).
+OV_PRECISIONS = ("f32", "bf16", "f16")
 
 
 class DeployUnavailable(RuntimeError):
-    """onnx or onnxruntime is not installed; the message is the one-line install hint."""
+    """onnx, onnxruntime or openvino is not installed; the message is the one-line install hint."""
 
 
 class ONNXExportError(RuntimeError):
     """The exporter could not translate the model; the message names the op and where it is called."""
 
 
-def _missing() -> list[str]:
+def _absent(name: str) -> bool:
     import importlib.util
 
-    def absent(name: str) -> bool:
-        try:
-            return importlib.util.find_spec(name) is None
-        except (ImportError, ValueError):  # ValueError: blocked with sys.modules[name] = None
-            return True
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):  # ValueError: blocked with sys.modules[name] = None
+        return True
 
-    return [name for name in ("onnx", "onnxruntime") if absent(name)]
+
+def _missing() -> list[str]:
+    return [name for name in ("onnx", "onnxruntime") if _absent(name)]
 
 
 def available() -> bool:
@@ -165,9 +196,40 @@ def status_line() -> str:
     return f"onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, torch {v['torch']}: the ONNX cells run"
 
 
-def register_notebook_magic() -> bool:
-    """Register the cell magic ``%%onnx``: the cell runs when onnx and onnxruntime are installed, else says it is skipped.
+def openvino_available() -> bool:
+    """True when openvino is installed (it is in the ``deploy`` extra, but checked on its own)."""
+    return not _absent("openvino")
 
+
+def _require_openvino() -> Any:
+    if not openvino_available():
+        raise DeployUnavailable(f"fusionlib.deploy's OpenVINO path needs openvino: {OV_INSTALL_HINT}") from None
+    import openvino
+
+    return openvino
+
+
+def openvino_status_line() -> str:
+    """One line for a notebook: OpenVINO's version, or what is missing for the ``%%openvino`` cells and how to get it.
+
+    Those cells run OpenVINO on the files the ONNX cells export and compare it
+    with ONNX Runtime, so they need onnx and onnxruntime too.
+    """
+    missing = _missing() + ([] if openvino_available() else ["openvino"])
+    if missing:
+        hint = (OV_INSTALL_HINT if missing == ["openvino"]
+                else INSTALL_HINT.replace("onnxruntime", "onnxruntime openvino"))
+        return (f"{' and '.join(missing)} not installed, so the OpenVINO cells are skipped; install the deploy extra: "
+                f"{hint}")
+    return f"openvino {_require_openvino().get_version().split('-')[0]}: the OpenVINO cells run"
+
+
+def register_notebook_magic() -> bool:
+    """Register the cell magics ``%%onnx`` and ``%%openvino``: each cell runs when what it needs is installed.
+
+    ``%%onnx`` needs onnx and onnxruntime; ``%%openvino`` needs openvino as
+    well (its cells read the exported files and compare with ONNX Runtime).
+    Otherwise the cell prints that it is skipped and the install hint.
     The cell body runs in the notebook's namespace; its errors surface as in
     any cell, with the cell's lines in the traceback. Outside IPython it does nothing and
     returns False.
@@ -185,15 +247,25 @@ def register_notebook_magic() -> bool:
 
     counter = itertools.count(1)
 
+    def run(kind: str, cell: str) -> None:
+        filename = f"<{kind} cell {next(counter)}>"  # registered, so a traceback shows the cell's lines
+        linecache.cache[filename] = (len(cell), None, cell.splitlines(keepends=True), filename)
+        exec(compile(cell, filename, "exec"), shell.user_ns)
+
     def onnx(line: str, cell: str) -> None:
         if not available():
             print(f"(cell skipped) {status_line()}")
             return
-        filename = f"<onnx cell {next(counter)}>"  # registered, so a traceback shows the cell's lines
-        linecache.cache[filename] = (len(cell), None, cell.splitlines(keepends=True), filename)
-        exec(compile(cell, filename, "exec"), shell.user_ns)
+        run("onnx", cell)
+
+    def openvino(line: str, cell: str) -> None:
+        if not (available() and openvino_available()):
+            print(f"(cell skipped) {openvino_status_line()}")
+            return
+        run("openvino", cell)
 
     shell.register_magic_function(onnx, magic_kind="cell", magic_name="onnx")
+    shell.register_magic_function(openvino, magic_kind="cell", magic_name="openvino")
     return True
 
 
@@ -514,6 +586,108 @@ def ort_session(path: str | os.PathLike, threads: int = 1, optimization: str = "
     or "all" (extended plus layout transforms such as NCHWc), the default.
     """
     return OrtModule(path, threads=threads, optimization=optimization)
+
+
+# ---------------------------------------------------------------------- run with OpenVINO
+def _precision_name(value: Any) -> str:
+    """OpenVINO's element type as its short name ("f32", "bf16", "f16"); a string passes through."""
+    return value.to_string() if hasattr(value, "to_string") else str(value)
+
+
+def ov_cpu_plugin() -> dict[str, Any]:
+    """What OpenVINO's CPU plugin reports about this CPU, before any model is compiled.
+
+    ``device`` (the CPU's name), ``capabilities`` (``OPTIMIZATION_CAPABILITIES``:
+    FP32, INT8, and BF16 / FP16 where the CPU has fast kernels for them),
+    ``default_precision`` (``INFERENCE_PRECISION_HINT`` as the plugin sets it
+    by itself: ``"bf16"`` on a CPU with AVX-512 BF16 or AMX, so an fp32 model
+    runs in bfloat16 there unless told otherwise; ``"f32"`` elsewhere) and
+    ``openvino`` (the version).
+    """
+    ov = _require_openvino()
+    core = ov.Core()
+    return {"device": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+            "capabilities": [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")],
+            "default_precision": _precision_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+            "openvino": ov.get_version().split("-")[0]}
+
+
+class OvModule(nn.Module):
+    """An OpenVINO compiled model (CPU plugin) as an ``nn.Module``: ``forward`` takes and returns torch tensors.
+
+    One output comes back as a tensor, several as a tuple. ``precision`` is
+    what the compiled model reports it runs in (``INFERENCE_PRECISION_HINT``
+    read back after compiling), ``requested_precision`` what was asked
+    (``None``: the plugin's default). ``copy.deepcopy`` compiles the file anew
+    with the same options.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1, precision: str | None = "f32") -> None:
+        super().__init__()
+        ov = _require_openvino()
+        check_positive_int("threads", threads)
+        if precision is not None and precision not in OV_PRECISIONS:
+            raise ValueError(f"precision must be one of {list(OV_PRECISIONS)} or None (the plugin's default), "
+                             f"got {precision!r}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {self.path}")
+        self.threads, self.requested_precision = threads, precision
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                                  "ENABLE_CPU_PINNING": False}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.precision = _precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"{self.path.name} takes {len(self.input_names)} input(s) {self.input_names}, "
+                             f"got {len(inputs)}")
+        feed = {i: x.detach().cpu().contiguous().numpy() for i, x in enumerate(inputs)}
+        results = self.request.infer(feed)
+        outputs = [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def runtime_precisions(self) -> dict[str, dict[str, int]]:
+        """Executed layers by type and by the precision each runs in, e.g. ``{"Convolution": {"u8": 20}}``.
+
+        Read from the compiled model's runtime graph (``layerType`` and
+        ``runtimePrecision`` of each node; inputs, outputs and constants left
+        out). A fused activation is part of its convolution's layer.
+        """
+        counts: dict[str, collections.Counter] = {}
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            layer = info["layerType"].astype(str)
+            if layer in ("Input", "Output", "Const"):
+                continue
+            counts.setdefault(layer, collections.Counter())[info["runtimePrecision"].astype(str)] += 1
+        return {layer: dict(c) for layer, c in counts.items()}
+
+    def __deepcopy__(self, memo: dict) -> "OvModule":
+        return OvModule(self.path, self.threads, self.requested_precision)
+
+    def extra_repr(self) -> str:
+        asked = "the plugin's default" if self.requested_precision is None else repr(self.requested_precision)
+        return f"{self.path.name}, threads={self.threads}, precision {asked}, runs in {self.precision}"
+
+
+def ov_compile(path: str | os.PathLike, threads: int = 1, precision: str | None = "f32") -> OvModule:
+    """An :class:`OvModule`: ``path`` compiled by OpenVINO's CPU plugin for one request at a time, latency first.
+
+    ``threads`` inference threads, one stream, the latency hint, no CPU
+    pinning, and ``precision`` as the inference precision hint: ``"f32"``
+    (the default: the arithmetic the file states), ``"bf16"`` or ``"f16"``
+    (taken only where the CPU has kernels for it, otherwise the model runs
+    in f32; read :attr:`OvModule.precision`), or ``None`` for the plugin's
+    own default (bf16 on a CPU with AVX-512 BF16 or AMX, f32 elsewhere:
+    :func:`ov_cpu_plugin`).
+    """
+    return OvModule(path, threads=threads, precision=precision)
 
 
 # ---------------------------------------------------------------------- read

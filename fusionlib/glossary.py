@@ -93,6 +93,9 @@ GLOSSARY: tuple[Quantity, ...] = (
              "with int8-stored weights; model)", "10^6 bytes"),
     Quantity("onnx_nodes", "nodes in an ONNX graph (details: exported or ort, i.e. after ONNX Runtime's graph "
              "optimizations; an op type or 'all'; model)", "count"),
+    Quantity("inference_precision", "the precision a runtime computes a model's float parts in, as the compiled "
+             "model reports it (details: the runtime, and how it was chosen, e.g. ov_default: OpenVINO's CPU plugin "
+             "without a precision hint)", "name: f32, bf16 or f16"),
 )
 
 _BY_PREFIX = sorted(GLOSSARY, key=lambda q: len(q.prefix), reverse=True)  # longest prefix wins

@@ -293,6 +293,40 @@ def test_onnx_cell_magic_runs_cells_reports_errors_and_skips_without_the_extra(m
         InteractiveShell.clear_instance()
 
 
+def test_without_openvino_only_the_openvino_cells_and_calls_are_skipped(monkeypatch, capsys):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    if InteractiveShell.initialized():
+        pytest.skip("an IPython shell already exists in this process")
+    shell = InteractiveShell.instance()
+    try:
+        assert deploy.register_notebook_magic() is True
+        if deploy.openvino_available():   # installed here: the cell runs
+            shell.run_cell("%%openvino\nov_value = 1")
+            assert shell.user_ns["ov_value"] == 1
+            assert deploy.openvino_status_line().endswith("the OpenVINO cells run")
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+        assert deploy.available() and not deploy.openvino_available()
+        with pytest.raises(deploy.DeployUnavailable) as info:
+            deploy.ov_compile("model.onnx")
+        assert str(info.value) == f"fusionlib.deploy's OpenVINO path needs openvino: {deploy.OV_INSTALL_HINT}"
+        assert info.value.__cause__ is None and info.value.__suppress_context__
+        with pytest.raises(deploy.DeployUnavailable, match="needs openvino"):
+            deploy.ov_cpu_plugin()
+        capsys.readouterr()
+        shell.run_cell("%%openvino\nov_value = 2")
+        shell.run_cell("%%onnx\nonnx_value = 3")
+        assert shell.user_ns.get("ov_value") != 2 and shell.user_ns["onnx_value"] == 3   # the ONNX cells still run
+        assert (f"(cell skipped) openvino not installed, so the OpenVINO cells are skipped; install the deploy extra: "
+                f"{deploy.OV_INSTALL_HINT}") in capsys.readouterr().out
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("onnx", "openvino")
+                            else real(name, *a))
+        assert deploy.openvino_status_line().startswith("onnx and openvino not installed")
+    finally:
+        InteractiveShell.clear_instance()
+
+
 def test_integer_output_quantizers_are_refused_and_unsigned_narrow_range_is_not(tmp_path):
     x = torch.rand(1, 3, 8, 8)
     model = quantize_model(nn.Sequential(nn.Conv2d(3, 2, 3)).eval())  # quant layers refuse fake_quant=False ...
