@@ -11,6 +11,9 @@ r"""fusionlib.quant: a quantization toolkit rebuilt from NVIDIA's pytorch-quanti
 * :mod:`~fusionlib.quant.ptq` — ``calibrate``, ``calibrate_weights``, ``layer_sensitivity``, ``quantize_model`` (post-training quantization).
 * :mod:`~fusionlib.quant.qat` — ``QATConvBn2d``, ``prepare_qat``, ``export_folded`` (quantization-aware training).
 * :mod:`~fusionlib.quant.lowering` — ``lowering_problem``: whether a quantizer can become int8 kernels or ONNX Q/DQ.
+* :mod:`~fusionlib.quant.equalize` — ``cross_layer_equalization``, ``absorb_high_bias``, ``bias_correction``
+  (notebook 17: data-free weight fixes before quantization).
+* :mod:`~fusionlib.quant.adaround` — ``adaround``: learned up-or-down rounding of each weight (notebook 17).
 * :mod:`~fusionlib.quant.int8` — ``convert_int8`` to torch's int8 CPU kernels; import it explicitly
   (``from fusionlib.quant import int8``): it is the one module that imports ``torch.ao``.
 """
@@ -92,6 +95,18 @@ from fusionlib.quant.ptq import (
 )
 from fusionlib.quant.lowering import lowering_problem
 from fusionlib.quant.qat import QATConvBn2d, QATConv2d, QATLinear, QATReport, export_folded, freeze_bn_stats, prepare_qat
+from fusionlib.quant.equalize import (
+    BiasCorrectionReport,
+    EqualizationReport,
+    absorb_high_bias,
+    bias_correction,
+    channel_ranges,
+    clipped_normal_mean,
+    cross_layer_equalization,
+    equalize_pair,
+    fold_and_swap_relu6,
+)
+from fusionlib.quant.adaround import AdaRoundReport, FrozenAmaxQuantizer, adaround, freeze_amax
 
 __all__ = [
     # functional
@@ -179,4 +194,18 @@ __all__ = [
     "prepare_qat",
     "freeze_bn_stats",
     "export_folded",
+    # weight fixes before quantization (notebook 17)
+    "cross_layer_equalization",
+    "fold_and_swap_relu6",
+    "equalize_pair",
+    "channel_ranges",
+    "EqualizationReport",
+    "absorb_high_bias",
+    "clipped_normal_mean",
+    "bias_correction",
+    "BiasCorrectionReport",
+    "adaround",
+    "AdaRoundReport",
+    "freeze_amax",
+    "FrozenAmaxQuantizer",
 ]
