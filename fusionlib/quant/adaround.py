@@ -97,7 +97,8 @@ def freeze_amax(quantizer: TensorQuantizer) -> TensorQuantizer:
 
 @dataclass
 class AdaRoundLayer:
-    """One layer: reconstruction MSE with nearest and with learned rounding, the share of weights rounded otherwise, the loss."""
+    """One layer: output MSE with nearest and with learned rounding, the share of weights rounded otherwise,
+    and the regularized loss at the first and the last step after the warm-up."""
 
     layer: str
     mse_nearest: float
@@ -187,7 +188,8 @@ def _learn_rounding(name: str, layer: nn.Module, x: torch.Tensor, target: torch.
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(reconstruction.detach()))
+        if it >= warm:
+            losses.append(float(loss.detach()))
     with torch.no_grad():
         nearest = q(w)
         learned = q(_on_grid(q, floor + (v >= 0).float())).to(layer.weight.dtype)   # the quantizer's own grid values
