@@ -1,0 +1,3 @@
+# expect: some amounts are negative
+def absorbed_bias(beta, gamma, n_sigma):
+    return beta - n_sigma * gamma.abs()
