@@ -27,7 +27,7 @@ from fusionlib.quant.qat import prepare_qat
 def small(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
-                         nn.ReLU(), nn.Conv2d(8, 6, 1), nn.Flatten(), nn.Linear(6 * 6 * 6, 4)).eval()
+                         nn.ReLU(), nn.Conv2d(8, 6, 1), nn.MaxPool2d(1), nn.Flatten(), nn.Linear(6 * 6 * 6, 4)).eval()
 
 
 def quantized(float_model: nn.Module, bits: int = 4, per_channel: bool = True) -> nn.Module:
@@ -53,11 +53,13 @@ def test_the_relaxation_and_its_regularizer():
 def test_weights_end_on_the_grid_the_loss_falls_and_the_amax_is_frozen(per_channel):
     float_model = small()
     q = quantized(float_model, 4, per_channel)
-    amax = {n: m.weight_quantizer.amax.clone() for n, m in quant_layers(q).items()}
-    nearest = {n: m.weight_quantizer(m.weight).detach().clone() for n, m in quant_layers(q).items()}
+    weighted = {n: m for n, m in quant_layers(q).items() if hasattr(m, "weight_quantizer")}
+    amax = {n: m.weight_quantizer.amax.clone() for n, m in weighted.items()}
+    nearest = {n: m.weight_quantizer(m.weight).detach().clone() for n, m in weighted.items()}
     report = adaround(q, float_model, BATCHES, num_iterations=80, progress=False)
-    assert [r.layer for r in report.layers] == list(quant_layers(q))
-    for name, m in quant_layers(q).items():
+    weighted = {n: m for n, m in quant_layers(q).items() if hasattr(m, "weight_quantizer")}   # the pool has none
+    assert [r.layer for r in report.layers] == list(weighted) and len(weighted) == 4
+    for name, m in weighted.items():
         wq = m.weight_quantizer
         assert isinstance(wq, FrozenAmaxQuantizer) and torch.equal(wq.amax, amax[name])
         assert torch.equal(wq(m.weight), m.weight), name                       # exactly on the grid
@@ -71,16 +73,17 @@ def test_weights_end_on_the_grid_the_loss_falls_and_the_amax_is_frozen(per_chann
         m.input_quantizer.enable()
     calibrate(q, BATCHES)
     calibrate_weights(q, "max", perchannel=per_channel)
-    assert all(torch.equal(m.weight_quantizer.amax, amax[n]) for n, m in quant_layers(q).items())
+    assert all(torch.equal(m.weight_quantizer.amax, amax[n]) for n, m in weighted.items())
 
 
 def test_zero_iterations_is_nearest_rounding():
     float_model = small(1)
     q = quantized(float_model)
-    nearest = {n: m.weight_quantizer(m.weight).detach().clone() for n, m in quant_layers(q).items()}
+    weighted = {n: m for n, m in quant_layers(q).items() if hasattr(m, "weight_quantizer")}
+    nearest = {n: m.weight_quantizer(m.weight).detach().clone() for n, m in weighted.items()}
     adaround(q, float_model, BATCHES, num_iterations=0, progress=False)
-    differ = sum(int((m.weight != nearest[n]).sum()) for n, m in quant_layers(q).items())
-    total = sum(m.weight.numel() for m in quant_layers(q).values())
+    differ = sum(int((m.weight != nearest[n]).sum()) for n, m in weighted.items())
+    total = sum(m.weight.numel() for m in weighted.values())
     assert differ <= 1e-3 * total    # V starts at h(V) = the fraction: hard-rounded, that is nearest (ties aside)
 
 
@@ -124,7 +127,7 @@ def test_an_8_bit_adaround_model_exports_to_onnx_unchanged(tmp_path):
         m.input_quantizer.enable()
     calibrate(q, BATCHES)
     report = deploy.export_onnx(q, BATCHES[0][:1], tmp_path / "adaround.onnx")
-    assert report.qdq_pairs == 2 * len(quant_layers(q))
+    assert report.qdq_pairs == sum(len(m.quantizer_names) for m in quant_layers(q).values())
     session = deploy.ort_session(report.path)
     with torch.no_grad():
         ours = q(BATCHES[1])

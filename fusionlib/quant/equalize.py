@@ -80,6 +80,7 @@ from fusionlib.fx.tracing import modules_by_name
 from fusionlib.modules import require_eval_mode
 from fusionlib.quant.modules import QuantMixin
 from fusionlib.quant.ptq import quant_layers
+from fusionlib.quant.qat import QATConv2d, QATConvBn2d, QATLinear
 
 __all__ = [
     "BatchNormStats",
@@ -516,7 +517,7 @@ def clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 def _check_quant_layers(model: nn.Module, what: str) -> dict[str, nn.Module]:
     """The quant layers with an enabled, calibrated weight quantizer; prepare_qat layers refused."""
     layers = quant_layers(model)
-    qat = [n for n, m in layers.items() if not isinstance(m, LAYER_TYPES)]
+    qat = [n for n, m in layers.items() if isinstance(m, (QATConvBn2d, QATConv2d, QATLinear))]
     if qat:
         raise ValueError(f"{what} takes models built by quantize_model; {qat[:3]} ({type(layers[qat[0]]).__name__}) "
                          "come from prepare_qat, whose weight is folded on the fly: export_folded(model) first")
