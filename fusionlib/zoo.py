@@ -13,7 +13,9 @@ model, and how to train it. :func:`cached_training` then loads
 ``{cache_dir()}/{prefix}{name}-{cache_key(params)}.pt`` or trains and writes
 it atomically. The key hashes every training parameter, the torch and
 torchvision versions and ``CACHE_VERSION``, so a changed recipe never serves
-stale weights. The technique modules (:mod:`fusionlib.rdrop`,
+stale weights. A read-only cache (a shared folder an instructor filled
+with ``make cache``, named by ``FUSIONLIB_CACHE``) that lacks an entry trains
+it into the user's private cache (:func:`private_cache_dir`) and says so. The technique modules (:mod:`fusionlib.rdrop`,
 :mod:`fusionlib.lora`, :mod:`fusionlib.quant`) hold the arithmetic and the
 training steps; the data loading, training schedules and caching live here.
 """
@@ -42,7 +44,7 @@ from fusionlib.modules import set_submodule
 from fusionlib.train import evaluate, fit, seed_everything
 
 __all__ = ["CACHE_VERSION", "DEFAULT_LR", "RECIPES", "Run", "cache_dir", "cache_key", "load_cached", "save_cached",
-           "cached_training", "trained_model"]
+           "cached_training", "trained_model", "private_cache_dir", "writable_dir"]
 
 T = TypeVar("T")
 
@@ -140,22 +142,76 @@ def cached_training(run: Run, use_cache: bool = True) -> tuple[nn.Module, dict[s
     """``(model.eval(), metrics)``: ``run.fresh_model()`` with the entry cached at ``run.path``, else trained and cached.
 
     A stale or corrupt entry warns and is trained again (:func:`load_cached`).
-    ``metrics`` gets ``cached``, ``path`` and ``run.extra_metrics``.
+    When the cache folder is read-only (a shared cache an instructor filled,
+    ``FUSIONLIB_CACHE``) and lacks the entry, the run is served from, or
+    trained into, the same file name under :func:`private_cache_dir`, with a
+    message saying where; nothing is written to the read-only folder.
+    ``metrics`` gets ``cached``, ``path`` (where the entry is) and ``run.extra_metrics``.
     """
-    def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
-        model = run.fresh_model()
-        run.load(model, entry)
-        return model.eval(), dict(entry["metrics"], **run.extra_metrics, cached=True, path=str(run.path))
+    def restore_from(path: Path) -> Callable[[dict[str, Any]], tuple[nn.Module, dict[str, Any]]]:
+        def restore(entry: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+            model = run.fresh_model()
+            run.load(model, entry)
+            return model.eval(), dict(entry["metrics"], **run.extra_metrics, cached=True, path=str(path))
+        return restore
 
-    cached = load_cached(run.path, restore) if use_cache else None
+    path = run.path
+    cached = load_cached(path, restore_from(path)) if use_cache else None
     if cached is not None:
         return cached
+    if use_cache and not writable_dir(path.parent):
+        path = private_path(run.path)
+        cached = load_cached(path, restore_from(path))
+        if cached is not None:
+            return cached
+        print(f"The model cache {run.path.parent} is read-only and has no {run.path.name}: training it into your "
+              f"private cache {path.parent} instead.", flush=True)
     model = run.fresh_model()
     metrics = run.train(model)
     model.eval()
     if use_cache:
-        save_cached({**run.state(model), "metrics": metrics}, run.path)
-    return model, dict(metrics, **run.extra_metrics, cached=False, path=str(run.path))
+        save_cached({**run.state(model), "metrics": metrics}, path)
+    return model, dict(metrics, **run.extra_metrics, cached=False, path=str(path))
+
+
+def writable_dir(folder: Path) -> bool:
+    """True when a file can be created in ``folder`` (made when missing): a probe file is created and removed.
+
+    A probe, not ``os.access``: root passes every permission check, and a
+    read-only mount or an immutable folder refuses root too.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
+        os.close(fd)
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
+def private_cache_dir() -> Path:
+    """Where a user's models go when :func:`cache_dir` is read-only.
+
+    ``$XDG_CACHE_HOME/fusionlib``, else ``~/.cache/fusionlib`` (the default
+    cache); when that is the read-only folder itself, ``fusionlib-cache-<user id>``
+    in the temporary directory.
+    """
+    base = os.environ.get("XDG_CACHE_HOME")
+    private = (Path(base).expanduser() if base else Path.home() / ".cache") / "fusionlib"
+    if private.resolve() == cache_dir().resolve():
+        uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+        private = Path(tempfile.gettempdir()) / f"fusionlib-cache-{uid}"
+    return private
+
+
+def private_path(path: Path) -> Path:
+    """``path`` (an entry of :func:`cache_dir`) moved to :func:`private_cache_dir`, same relative name."""
+    try:
+        relative = path.relative_to(cache_dir())
+    except ValueError:
+        relative = Path(path.name)
+    return private_cache_dir() / relative
 
 
 # ---------------------------------------------------------------------- the recipes
