@@ -17,7 +17,7 @@ LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 JOBS ?= 2
 XDIST = $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadscope)
 
-.PHONY: setup check-env run test unit nbval browser lab lab-student student facilitator clean
+.PHONY: setup check-env run test unit nbval browser lab lab-student student facilitator guide cache clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,9 +64,25 @@ lab-student: check-env
 student: $(STAMP)
 	$(PY) -m fusionlib.editions notebooks student $(if $(filter 1 yes true,$(FORCE)),--force)
 
-# For the facilitator: the full notebooks and facilitator/answers.md (every solution and written answer).
+# For the facilitator: the full notebooks, facilitator/answers.md (every solution and written answer) and
+# facilitator/workshop.md (the guide, docs/workshop.md).
 facilitator: $(STAMP)
 	$(PY) -m fusionlib.editions --edition facilitator notebooks facilitator $(if $(filter 1 yes true,$(FORCE)),--force)
+
+# The facilitator's guide (docs/workshop.md): its agendas from the newest `make run` summary of each notebook
+# under RUNS, its typical mistakes from tests/exercise_answers/. `make guide RUNS=elsewhere/runs`.
+RUNS ?= runs
+guide: $(STAMP)
+	$(PY) -m fusionlib.guide --runs $(RUNS) --doc docs/workshop.md
+
+# A model cache for a room: every notebook run once with FUSIONLIB_CACHE=$(CACHE), so every model the notebooks
+# train at their defaults is in it; then made readable by all. Learners set FUSIONLIB_CACHE=$(CACHE) (read-only is
+# fine: a missing entry trains into their private cache). The runs go to runs/cache-<timestamp>/, not runs/<timestamp>/.
+CACHE ?= $(HOME)/.cache/fusionlib-shared
+cache: check-env
+	FUSIONLIB_CACHE="$(CACHE)" $(PY) -m fusionlib run $(NOTEBOOKS) --out runs/cache-$(shell date +%Y%m%d-%H%M%S)
+	chmod -R a+rX "$(CACHE)"
+	@echo "model cache ready: export FUSIONLIB_CACHE=$(CACHE)"
 
 # Keeps student/ (student work) and facilitator/.
 clean:

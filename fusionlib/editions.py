@@ -31,6 +31,9 @@ Command line (what ``make student`` and ``make facilitator`` call)::
 
     python -m fusionlib.editions notebooks student [--force]
     python -m fusionlib.editions --edition facilitator notebooks facilitator [--force]
+
+The facilitators' edition also holds ``answers.md`` (every solution and
+written answer) and a copy of the guide, ``docs/workshop.md``.
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ PLACEHOLDER = (
 ANSWER_PROMPT = "**Your answer{exercise}:** *double-click here and write it.*"
 EDITIONS = ("student", "facilitator")
 ANSWERS_FILE = "answers.md"
+#: The facilitator's guide, relative to the folder above the notebooks; the facilitators' edition holds a copy.
+GUIDE_FILE = "docs/workshop.md"
 BACKUP_DIR = "backup"
 
 
@@ -301,7 +306,7 @@ def answers_markdown(notebooks: list[tuple[str, nbformat.NotebookNode]]) -> str:
 
 
 def facilitator_edition(src_dir: str | Path, out_dir: str | Path, force: bool = False) -> dict[str, int]:
-    """Copy the full notebooks (solutions, outputs) to ``out_dir`` and write ``answers.md`` there.
+    """Copy the full notebooks (solutions, outputs) to ``out_dir``, write ``answers.md`` there, copy ``docs/workshop.md``.
 
     Returns, per notebook, how many exercises ``answers.md`` lists. Edited
     notebooks are protected as in :func:`student_edition`.
@@ -330,6 +335,9 @@ def build_edition(edition: str, src_dir: str | Path, out_dir: str | Path, force:
     plan = _write_edition(generated, out_dir, edition, force)
     if edition == "facilitator":
         (out_dir / ANSWERS_FILE).write_text(answers_markdown(read), encoding="utf-8")
+        guide = src_dir.parent / GUIDE_FILE
+        if guide.is_file():
+            shutil.copyfile(guide, out_dir / guide.name)
     return counts, plan
 
 
