@@ -205,10 +205,13 @@ def _clock(minutes: int) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
-def _clock_at(teaching_minute: int) -> int:
-    """The clock time (minutes after midnight) of a minute of teaching time in a day of :data:`SESSIONS`."""
+def _clock_at(teaching_minute: int, ending: bool = False) -> int:
+    """The clock time (minutes after midnight) of a minute of teaching time in a day of :data:`SESSIONS`.
+
+    A minute at a session's end is that session's end when ``ending``, else the next session's start.
+    """
     for start, end in SESSIONS:
-        if teaching_minute < end - start:
+        if teaching_minute < end - start or ending and teaching_minute == end - start:
             return start + teaching_minute
         teaching_minute -= end - start
     return SESSIONS[-1][1] + teaching_minute
@@ -242,8 +245,14 @@ def _agenda(title: str, figures: list[NotebookFigures], days: int) -> list[str]:
               for day, start, f in placed]
     taught = [f for _, _, f in placed]
     run = sum(f.run_minutes for f in taught)
+    ends = ""
+    if placed:
+        day = placed[-1][0]
+        used = sum(f.slot_minutes for d, _, f in placed if d == day) + (SETUP_MINUTES if day == 1 else 0)
+        ends = f" The last slot ends at {_clock(_clock_at(used, ending=True))} on day {day}."
     lines += ["", f"Total: {len(taught)} notebooks, {sum(f.slot_minutes for f in taught)} minutes of slots "
-              f"({run:.0f} of them running cells, measured or budgeted; the rest reading and exercises, estimated)."]
+              f"({run:.0f} of them running cells, measured or budgeted; the rest reading and exercises, estimated)."
+              + ends]
     if left:
         lines.append("Does not fit; give it as take-home work: " + ", ".join(f.notebook[:-6] for f in left) + ".")
     return lines + [""]

@@ -93,6 +93,8 @@ def test_agenda_runs_over_breaks_and_leaves_what_does_not_fit():
     placed, left = guide._lay_out(long, days=1)  # 115-minute slots: 15 + 3 * 115 = 360 fits, the fourth does not
     assert [(day, guide._clock(start)) for day, start, _ in placed] == [(1, "09:15"), (1, "11:25"), (1, "14:20")]
     assert len(left) == 2
+    text = "\n".join(guide._agenda("A day", long, days=1))
+    assert "The last slot ends at 16:30 on day 1." in text and "take-home work: 03_n, 04_n." in text
 
 
 def test_update_document_from_runs(tmp_path):
