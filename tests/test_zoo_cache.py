@@ -6,6 +6,7 @@ tests exercise zoo.cached_training's cache logic, not training.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -135,3 +136,19 @@ def test_a_corrupt_entry_in_a_read_only_cache_is_trained_privately(caches, read_
         _, metrics = zoo.cached_training(tiny_run(shared, calls))
     assert calls == [1] and metrics["path"].startswith(str(private))
     assert (shared / "tiny-0123456789abcdef.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_make_cache_runs_every_notebook_into_the_named_cache():
+    """`make cache` (dry run): every notebook once with FUSIONLIB_CACHE set, its runs under runs/cache-* (which
+    `make guide` does not read: they train)."""
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    done = subprocess.run(["make", "-n", "cache", "CACHE=/srv/room-cache"], cwd=root, capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    run = next(line for line in done.stdout.splitlines() if "fusionlib run" in line)
+    assert run.startswith('FUSIONLIB_CACHE="/srv/room-cache" ') and "--out runs/cache-" in run
+    assert all(f"notebooks/{p.name}" in run for p in (root / "notebooks").glob("[0-9]*.ipynb"))
+    assert 'chmod -R a+rX "/srv/room-cache"' in done.stdout
