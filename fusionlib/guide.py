@@ -11,7 +11,8 @@ blocks of the guide and leaves the hand-written text around them alone:
   ``reading = words of markdown / READING_WORDS_PER_MINUTE`` and
   ``exercises = count * EXERCISE_MINUTES``. A notebook without a measurement
   is "not measured yet" and its run time is budgeted at
-  ``UNMEASURED_SECONDS``. Each slot is ``run + reading + exercises`` rounded
+  ``UNMEASURED_SECONDS``; one the runs folder lacks keeps the time the
+  guide already recorded for it. Each slot is ``run + reading + exercises`` rounded
   up to 5 minutes; the one-day and two-day agendas lay the slots into
   days of :data:`SESSIONS` in teaching order.
   The figures the block was rendered from are written into it (a ``csv``
@@ -376,7 +377,14 @@ def check_document(document: str) -> list[str]:
 
 def update_document(document: str, runs_dir: str | Path, notebooks_dir: str | Path,
                     answers_dir: str | Path) -> str:
-    figures = notebook_figures(notebooks_dir, latest_timings(runs_dir))
+    """Both blocks rewritten. A notebook ``runs_dir`` has no run of keeps the time the document recorded for it,
+    so `make guide` in a checkout without runs/ (e.g. to refresh the mistakes) loses no measurement."""
+    try:
+        recorded = {f.notebook: Timing(f.run_seconds, f.run) for f in recorded_figures(document)
+                    if f.run_seconds is not None}
+    except ValueError:  # no figures recorded yet
+        recorded = {}
+    figures = notebook_figures(notebooks_dir, {**recorded, **latest_timings(runs_dir)})
     document = replace_block(document, "measured", render_measured(figures))
     return replace_block(document, "mistakes", render_mistakes(answers_dir, [f.notebook for f in figures]))
 
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{doc}: {p}", file=sys.stderr)
         return 1 if problems else 0
     if not Path(args.runs).is_dir():
-        print(f"note: no runs folder {args.runs}/: every notebook is 'not measured yet' (run `make run` first)",
+        print(f"note: no runs folder {args.runs}/: the times recorded in the guide stay (run `make run` to measure again)",
               file=sys.stderr)
     new = update_document(text, args.runs, args.notebooks, args.answers)
     timings = latest_timings(args.runs) if Path(args.runs).is_dir() else {}

@@ -107,6 +107,8 @@ def test_update_document_from_runs(tmp_path):
     assert guide.check_document(new) == []
     (figures,) = guide.recorded_figures(new)
     assert figures.run_seconds == 42.0 and figures.run == "r1"
+    # without runs, the recorded times stay
+    assert guide.recorded_figures(guide.update_document(new, tmp_path / "none", FIXTURE_NOTEBOOKS, ANSWERS)) == [figures]
     with pytest.raises(ValueError, match="no 'measured' block"):
         guide.replace_block("no markers", "measured", "x")
 
