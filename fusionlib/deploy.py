@@ -619,7 +619,9 @@ class OvModule(nn.Module):
     what the compiled model reports it runs in (``INFERENCE_PRECISION_HINT``
     read back after compiling), ``requested_precision`` what was asked
     (``None``: the plugin's default). ``copy.deepcopy`` compiles the file anew
-    with the same options.
+    with the same options. ``forward`` refuses an input whose shape or dtype
+    the compiled model does not take: OpenVINO's own ``infer`` returns the
+    previous request's output for one, without an error.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int = 1, precision: str | None = "f32") -> None:
@@ -642,12 +644,30 @@ class OvModule(nn.Module):
         self.request = self.compiled.create_infer_request()
         self.precision = _precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        # (min, max) per dimension, max -1 when unbounded: OpenVINO does not refuse an input of another shape itself
+        self._input_bounds = [[(d.get_min_length(), d.get_max_length()) for d in port.get_partial_shape()]
+                              for port in self.compiled.inputs]
+        self._input_dtypes = [port.get_element_type().to_dtype() for port in self.compiled.inputs]
+
+    def _check_input(self, i: int, x: Any) -> None:
+        bounds, dtype = self._input_bounds[i], self._input_dtypes[i]
+        fits = len(x.shape) == len(bounds) and all(lo <= n and (hi < 0 or n <= hi)
+                                                   for n, (lo, hi) in zip(x.shape, bounds))
+        if not fits:
+            expected = ", ".join(str(lo) if lo == hi else "?" if hi < 0 and lo == 0
+                                 else f"{lo}..{hi if hi >= 0 else ''}" for lo, hi in bounds)
+            raise ValueError(f"{self.path.name}: input {self.input_names[i]!r} takes shape [{expected}], "
+                             f"got {list(x.shape)} (export with dynamic axes for other sizes)")
+        if x.dtype != dtype:
+            raise TypeError(f"{self.path.name}: input {self.input_names[i]!r} takes {dtype}, got {x.dtype}")
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):
             raise ValueError(f"{self.path.name} takes {len(self.input_names)} input(s) {self.input_names}, "
                              f"got {len(inputs)}")
         feed = {i: x.detach().cpu().contiguous().numpy() for i, x in enumerate(inputs)}
+        for i, x in feed.items():
+            self._check_input(i, x)
         results = self.request.infer(feed)
         outputs = [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
