@@ -328,6 +328,7 @@ def fold_and_swap_relu6(model: nn.Module, inplace: bool = False) -> tuple[fx.Gra
             node.kwargs = {k: v for k, v in node.kwargs.items() if k == "inplace"}
             replaced.append(node.name)
     gm.recompile()
+    gm.eval()   # the containers fx creates start in training mode; the model was in eval mode
     return gm, replaced, stats
 
 
