@@ -140,6 +140,7 @@ def test_cle_on_a_chain_is_exact_against_the_relu_swapped_model_and_leaves_the_i
     assert {s.layer: s.reason for s in report.skipped}["fc"] == "its output is the model's output"
     assert "mean" in {s.layer: s.reason for s in report.skipped}["c3"]
     assert gm.equalization_report is report
+    assert not [n for n, m in gm.named_modules() if m.training]   # eval mode throughout, fx's containers included
 
 
 def test_cle_with_zero_iterations_only_folds_and_swaps():
