@@ -80,6 +80,7 @@ __all__ = [
     "direction",
     "fail",
     "is_todo",
+    "require_attempted",
     "mode",
     "set_mode",
     "shape_problem",
@@ -208,7 +209,8 @@ def expect(condition: Any, message: str) -> None:
         raise ExerciseError(message)
 
 
-def _require_attempted(value: Any, name: str) -> None:
+def require_attempted(value: Any, name: str) -> None:
+    """A value still :data:`TODO` is "not attempted yet" (:class:`NotAttempted`), never a wrong answer."""
     if value is TODO:
         raise NotAttempted(f"{name} is still exercises.TODO")
 
@@ -262,7 +264,7 @@ def expect_equal(actual: Any, expected: Any, *, name: str, hint: str = "") -> No
     positions that differ, or too few / too many items; other values only that
     they are not right. The ``hint`` says why.
     """
-    _require_attempted(actual, name)
+    require_attempted(actual, name)
     if _equal(actual, expected):
         return
     if _is_number(actual) and _is_number(expected):
@@ -283,14 +285,14 @@ def expect_equal(actual: Any, expected: Any, *, name: str, hint: str = "") -> No
 
 def expect_type(obj: Any, expected: type | tuple[type, ...], *, name: str) -> None:
     """``isinstance(obj, expected)``, or a message naming both types."""
-    _require_attempted(obj, name)
+    require_attempted(obj, name)
     if not isinstance(obj, expected):
         names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
         fail(f"{name} is of type {type(obj).__name__}, expected {names}.")
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
-    _require_attempted(value, name)
+    require_attempted(value, name)
     if isinstance(value, torch.Tensor):
         return value.detach()
     try:
@@ -344,7 +346,7 @@ def expect_state_close(actual: Any, expected: Any, *, name: str, rtol: float = 1
     listed, so "weight matches, bias is off by 0.25" is what a student reads.
     A tensor that is ``None`` on one side only (a missing bias) is named too.
     """
-    _require_attempted(actual, name)
+    require_attempted(actual, name)
     mine, ref = _state(actual), _state(expected)
     missing = [k for k in ref if k not in mine or (mine[k] is None) != (ref[k] is None)]
     extra = [k for k in mine if k not in ref]

@@ -26,12 +26,6 @@ from torch.overrides import TorchFunctionMode
 from fusionlib import exercises, precision, verify
 from fusionlib.checks import direction, forbid_calls
 
-def _attempted(value: Any, message: str) -> None:
-    """A value still ``exercises.TODO`` is "not attempted yet", never a wrong answer."""
-    if exercises.is_todo(value):
-        raise exercises.NotAttempted(message)
-
-
 __all__ = ["bf16_conversions", "exercise_1", "exercise_2", "exercise_3"]
 
 #: reinterpreting a bit pattern as bf16 (the rounding was done on integers) and allocating are not conversions
@@ -126,7 +120,7 @@ _PRECISION = (precision.worst_case_relative_error, precision.typical_relative_er
 
 
 def _float(value: Any, name: str) -> float:
-    _attempted(value, f"{name} is still exercises.TODO")
+    exercises.require_attempted(value, name)
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = value.item()
     exercises.expect(isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -164,7 +158,7 @@ def exercise_2(gate_tolerance: Callable[[int, int], float], fp16_gate: Any) -> s
 
 def exercise_3(first_bad_layer: Any, bf16_is_finite: Any, model: nn.Module, inputs: torch.Tensor) -> str:
     """Check the first layer of ``model`` cast to fp16 whose output on ``inputs`` holds inf/NaN, and bf16's finiteness."""
-    _attempted(first_bad_layer, "first_bad_layer is still exercises.TODO")
+    exercises.require_attempted(first_bad_layer, "first_bad_layer")
     exercises.expect_type(first_bad_layer, str, name="first_bad_layer")
     report = verify.layer_report(model, precision.cast_model(model, torch.float16), inputs)
     exercises.expect(report.first_nonfinite is not None, "this model does not overflow in fp16 on these inputs: "
@@ -180,7 +174,7 @@ def exercise_3(first_bad_layer: Any, bf16_is_finite: Any, model: nn.Module, inpu
                        "Take report.first_nonfinite.")
     exercises.expect(position == first, f"first_bad_layer {first_bad_layer!r}: its fp16 output is still finite; "
                                         "the overflow comes later.")
-    _attempted(bf16_is_finite, "bf16_is_finite is still exercises.TODO")
+    exercises.require_attempted(bf16_is_finite, "bf16_is_finite")
     exercises.expect_type(bf16_is_finite, bool, name="bf16_is_finite")
     bf16 = verify.layer_report(model, precision.cast_model(model, torch.bfloat16), inputs)
     exercises.expect(bf16_is_finite == (bf16.first_nonfinite is None),
