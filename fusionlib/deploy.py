@@ -771,7 +771,9 @@ def node_rows(model_or_path: Any, limit: int | None = 12) -> list[list[str]]:
 
 
 def constant_values(model_or_path: Any) -> dict[str, Any]:
-    """Every constant tensor of a graph as a numpy array, by name: its initializers and its ``Constant`` nodes."""
+    """Every constant tensor of a graph as a numpy array, by name: its initializers, its ``Constant`` nodes and the
+    ``Identity`` nodes of either (the exporter writes two equal constants, e.g. the scales of two weight
+    quantizers with the same amax, as one initializer and an ``Identity``)."""
     onnx, _ = _require()
     from onnx import numpy_helper
 
@@ -780,6 +782,8 @@ def constant_values(model_or_path: Any) -> dict[str, Any]:
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:   # nodes are in graph order: chains resolve
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 

@@ -6,6 +6,7 @@ One call, :func:`trained_model`, with the technique as a parameter::
     zoo.trained_model("resnet18", "rdrop", alpha=1.0)               # R-Drop (alpha = 0: the same run, one pass)
     zoo.trained_model("resnet18", "qat", weight_bits=4)             # QAT fine-tuning of the plain checkpoint
     zoo.trained_model("resnet18", "lora", shift="invert", r=4)      # LoRA adapters on a shifted task
+    zoo.trained_model("resnet18", "pipeline", equalize=True)        # QAT of rep_resnet18 reparameterized, folded, equalized
 
 Each technique is a *recipe* (:data:`RECIPES`): a function of the run's
 parameters returning a :class:`Run` — the cache path, a fresh untrained
@@ -21,6 +22,7 @@ training steps; the data loading, training schedules and caching live here.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -43,8 +45,9 @@ from fusionlib.models import ALL_BUILDERS, BUILDERS, build
 from fusionlib.modules import set_submodule
 from fusionlib.train import evaluate, fit, seed_everything
 
-__all__ = ["CACHE_VERSION", "DEFAULT_LR", "RECIPES", "Run", "cache_dir", "cache_key", "load_cached", "save_cached",
-           "cached_training", "trained_model", "private_cache_dir", "writable_dir"]
+__all__ = ["CACHE_VERSION", "DEFAULT_LR", "PIPELINE_CACHE_VERSION", "RECIPES", "Run", "cache_dir", "cache_key",
+           "load_cached", "save_cached", "cached_training", "trained_model", "pipeline_steps", "private_cache_dir",
+           "writable_dir"]
 
 T = TypeVar("T")
 
@@ -425,6 +428,111 @@ def _fit_then_freeze_bn(gm: nn.Module, train_loader: DataLoader, test_loader: Da
     return history
 
 
+#: Part of every pipeline cache key (notebook 18): bump it when :mod:`fusionlib.pipeline`'s steps change.
+PIPELINE_CACHE_VERSION = 1
+
+_PIPELINE_STEPS: dict[str, Any] = {}   # pipeline_steps' results in this process, by key: computed once
+
+
+def pipeline_steps(name: str = "resnet18", *, epochs: int = 3, image_size: int = 32, seed: int = 0,
+                   equalize: bool = True, cle_iterations: int = 20, progress: bool = True):
+    """:func:`fusionlib.pipeline.float_steps` of the cached ``rep_{name}`` (BatchNorm recalibrated on its training split).
+
+    ``name`` is ``resnet18`` / ``mobilenet_v2`` (or their ``rep_`` names). The
+    re-parameterizable model comes from :func:`trained_model` (``epochs``,
+    ``image_size``, ``seed``). Computed once per process and parameters;
+    every call returns a deep copy, so a caller editing a model never changes
+    another caller's. Returns a :class:`fusionlib.pipeline.FloatSteps`.
+    """
+    from fusionlib.pipeline import float_steps   # here: it loads the quantization toolkit
+
+    rep_name = name if name.startswith("rep_") else f"rep_{name}"
+    if rep_name not in ALL_BUILDERS:
+        raise ValueError(f"the pipeline takes resnet18 or mobilenet_v2 (their rep_ versions), got {name!r}")
+    rep, rep_metrics = trained_model(rep_name, epochs=epochs, image_size=image_size, seed=seed, progress=progress)
+    key = cache_key({"kind": "pipeline_steps", "rep_key": rep_metrics["key"], "equalize": bool(equalize),
+                     "cle_iterations": int(cle_iterations), "version": PIPELINE_CACHE_VERSION})
+    if key not in _PIPELINE_STEPS:
+        train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
+        example = next(iter(test_loader))[0][:2]
+        _PIPELINE_STEPS[key] = float_steps(rep, train_loader, example, equalize=bool(equalize),
+                                           cle_iterations=int(cle_iterations))
+    return copy.deepcopy(_PIPELINE_STEPS[key])
+
+
+def pipeline_run(
+    name: str = "resnet18",
+    weight_bits: int = 8,
+    activation_bits: int = 8,
+    weight_per_channel: bool = True,
+    epochs: int = 1,
+    lr: float = 0.002,
+    calib_batches: int = 4,
+    equalize: bool = True,
+    cle_iterations: int = 20,
+    seed: int = 0,
+    fp32_epochs: int = 3,
+    image_size: int = 32,
+    progress: bool = True,
+) -> Run:
+    """QAT of the last float step of :func:`pipeline_steps` (notebook 18); cached as ``pipeline-{name}-{key}.pt``.
+
+    The key holds the whole recipe: the re-parameterizable model's own key
+    (its training), whether CLE ran and how long, the quantizers, the QAT
+    schedule and :data:`PIPELINE_CACHE_VERSION` / :data:`QAT_CACHE_VERSION`,
+    so a changed step never serves another recipe's weights. Steps:
+    :func:`fusionlib.quant.qat.prepare_qat` (no BatchNorm is left, so every
+    conv is a ``QATConv2d``; activations signed unless after a ReLU),
+    ``calibrate`` (max, ``calib_batches`` training batches), then
+    :func:`fusionlib.train.fit` for ``epochs`` at peak rate ``lr``. Metrics add
+    ``start_accuracy`` (the float model QAT starts from) and ``ptq_accuracy``
+    (after calibration, before training).
+    """
+    from fusionlib.quant import QuantDescriptor
+    from fusionlib.quant.ptq import calibrate
+    from fusionlib.quant.qat import prepare_qat
+
+    if not (isinstance(epochs, int) and epochs >= 0):
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    base = name[4:] if name.startswith("rep_") else name
+    if f"rep_{base}" not in ALL_BUILDERS:
+        raise ValueError(f"the pipeline takes resnet18 or mobilenet_v2 (their rep_ versions), got {name!r}")
+    steps_params = dict(epochs=fp32_epochs, image_size=image_size, seed=seed, equalize=equalize,
+                        cle_iterations=cle_iterations, progress=progress)
+    rep_key = trained_model(f"rep_{base}", epochs=fp32_epochs, image_size=image_size, seed=seed,
+                            progress=progress)[1]["key"]   # the key of its training run: part of this one's
+    params = {"kind": "pipeline", "name": base, "rep_key": rep_key, "equalize": bool(equalize),
+              "cle_iterations": int(cle_iterations), "weight_bits": int(weight_bits),
+              "activation_bits": int(activation_bits), "weight_per_channel": bool(weight_per_channel),
+              "epochs": int(epochs), "lr": float(lr), "calib_batches": int(calib_batches), "seed": int(seed),
+              "pipeline_version": PIPELINE_CACHE_VERSION, "qat_version": QAT_CACHE_VERSION}
+    key = cache_key(params)
+    train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
+    example = next(iter(test_loader))[0]
+    quant_desc_weight = QuantDescriptor(num_bits=int(weight_bits), axis=0 if weight_per_channel else None)
+    quant_desc_input = QuantDescriptor(num_bits=int(activation_bits))
+    start_accuracy: dict[str, float] = {}
+
+    def fresh_model() -> nn.Module:
+        start = pipeline_steps(base, **steps_params).last
+        start_accuracy.setdefault("value", evaluate(start, test_loader))
+        return prepare_qat(start, example, quant_desc_weight=quant_desc_weight, quant_desc_input=quant_desc_input)
+
+    def train(gm: nn.Module) -> dict[str, Any]:
+        if progress:
+            print(f"QAT of the {'equalized' if equalize else 'folded'} rep_{base} ({weight_bits}-bit weights, "
+                  f"{activation_bits}-bit activations, {epochs} epoch(s)): not in the cache {cache_dir()} yet.", flush=True)
+        seed_everything(seed)
+        calibrate(gm, train_loader, num_batches=calib_batches)
+        ptq_accuracy = evaluate(gm.eval(), test_loader)
+        start = time.perf_counter()
+        history = fit(gm, train_loader, epochs, lr=lr, seed=seed, test_loader=test_loader, progress=progress) if epochs else []
+        return {"start_accuracy": start_accuracy["value"], "ptq_accuracy": ptq_accuracy,
+                "test_accuracy": evaluate(gm.eval(), test_loader), "history": history,
+                "train_seconds": time.perf_counter() - start, "params": params, "key": key}
+
+    return Run(cache_dir() / f"pipeline-{base}-{key}.pt", fresh_model, train)
+
 def lora_run(
     name: str = "resnet18",
     shift: str = "invert",
@@ -485,7 +593,8 @@ def _load_adapters(model: nn.Module, entry: dict[str, Any]) -> None:
 
 
 #: The techniques :func:`trained_model` knows, each a function of its parameters returning a :class:`Run`.
-RECIPES: dict[str, Callable[..., Run]] = {"plain": plain_run, "rdrop": rdrop_run, "qat": qat_run, "lora": lora_run}
+RECIPES: dict[str, Callable[..., Run]] = {"plain": plain_run, "rdrop": rdrop_run, "qat": qat_run, "lora": lora_run,
+                                          "pipeline": pipeline_run}
 
 
 def _set_input_channels(model: nn.Module, channels: int) -> None:

@@ -370,3 +370,24 @@ def test_top1_agreement_counts_rows_with_the_same_class_and_refuses_other_shapes
         deploy.top1_agreement(a.flatten(), b.flatten())
     with pytest.raises(TypeError, match="two tensors"):
         deploy.top1_agreement(a, b.tolist())
+
+
+def test_compact_qdq_stores_every_weight_as_int8_when_two_quantizers_share_a_scale(digits, tmp_path):
+    """Two weight quantizers with equal amax (as CLE leaves a RepVGG block's two convs): the exporter writes one scale
+    initializer and an Identity; compact_qdq must still read it, or that weight stays float (30 MB instead of 11)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    twin = nn.Conv2d(3, 8, 3, padding=1)
+    with torch.no_grad():
+        twin.weight.copy_(conv.weight.flip(-1))              # other values, the same per-channel max |W|
+    model = prepare_qat(nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 3, 1), twin).eval(), digits[:2])
+    calibrate(model, [digits[:8]])
+    model.eval()
+    exported = deploy.export_onnx(model, digits[:1], tmp_path / "shared.onnx")
+    assert exported.op_counts.get("Identity", 0) >= 1, "the exporter no longer shares equal scales: test needs another case"
+    compact = onnx.load(str(deploy.compact_qdq(exported.path)))
+    weights = [t for t in compact.graph.initializer if len(t.dims) == 4]
+    assert len(weights) == 3 and all(t.data_type == onnx.TensorProto.INT8 for t in weights), \
+        [(t.name, t.data_type) for t in weights]
+    session = deploy.ort_session(tmp_path / "shared.int8.onnx", optimization="disable")
+    assert torch.equal(session(digits), deploy.ort_session(exported.path, optimization="disable")(digits))

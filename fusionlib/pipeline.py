@@ -1,0 +1,136 @@
+"""One model through every float step of the course, in order: the capstone's assembly (notebook 18).
+
+Each step is a library call of an earlier chapter, applied to a copy of the
+step before; this module only puts them in order and says which ones must be
+exact::
+
+    trained          the re-parameterizable model, BatchNorm statistics recomputed    train.recalibrate_batchnorm (06)
+    reparameterized  every RepBlock one conv: W' = k3 W3 + k1 P(W1) + k0 I           reparam.reparameterize_model (06)
+    folded           BatchNorm folded: W·γ/σ, β + (b − μ)·γ/σ                      fx.fuse_conv_bn (02, 05)
+    relu             ReLU6 -> ReLU (CLE needs f(s·z) = s·f(z)): a model change       quant.fold_and_swap_relu6 (17)
+    equalized        W1[i]/s_i, b1[i]/s_i, W2[:, i]·s_i, s_i = sqrt(r1_i / r2_i)      quant.cross_layer_equalization (17)
+
+``reparameterized``, ``folded`` and ``equalized`` compute the function of the
+step they are checked against (:data:`EXACT_AGAINST`): a relative error of
+float32 rounding, about 1e-6. ``relu`` is the one float step that changes the
+model: wherever a pre-activation exceeds 6, ReLU passes what ReLU6 clipped.
+Then, outside this module: QAT of the last float step
+(``zoo.trained_model(name, "pipeline", ...)``: ``prepare_qat`` finds no BatchNorm,
+so every conv becomes a ``QATConv2d`` that trains the deployed weight itself),
+``quant.int8.convert_int8``, ``deploy.export_onnx`` (Q/DQ), ONNX Runtime and OpenVINO.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from fusionlib.fx import fuse_conv_bn
+from fusionlib.quant.equalize import EqualizationReport, cross_layer_equalization, fold_and_swap_relu6
+from fusionlib.reparam import reparameterize_model
+from fusionlib.train import recalibrate_batchnorm
+
+__all__ = ["EXACT_AGAINST", "FLOAT_STEPS", "FloatSteps", "float_steps", "relu6_clipped_share"]
+
+#: The float steps in order (``relu`` and ``equalized`` only with ``equalize=True``).
+FLOAT_STEPS = ("trained", "reparameterized", "folded", "relu", "equalized")
+
+#: Each exact step and the step whose outputs it must reproduce.
+EXACT_AGAINST = {"reparameterized": "trained", "folded": "reparameterized", "equalized": "relu"}
+
+
+@dataclass
+class FloatSteps:
+    """The models :func:`float_steps` made, in order (``models``), with CLE's report (``None`` without CLE)."""
+
+    models: dict[str, nn.Module]
+    report: EqualizationReport | None = None
+    relu6_replaced: list[str] = field(default_factory=list)
+
+    @property
+    def last(self) -> nn.Module:
+        """The model the quantized steps start from: ``equalized``, or ``folded`` without CLE."""
+        return list(self.models.values())[-1]
+
+    def exact_pairs(self) -> list[tuple[str, str]]:
+        """``(step, reference step)`` for every exact step present."""
+        return [(step, ref) for step, ref in EXACT_AGAINST.items() if step in self.models and ref in self.models]
+
+
+def relu6_clipped_share(model: nn.Module, inputs: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """What replacing ReLU6 by ReLU changes: the share of ReLU6 inputs above 6 on ``inputs`` (ReLU passes them).
+
+    Returns ``(share over every ReLU6 input element, {ReLU6 module name: its share})``;
+    a module called several times counts every call. The inputs are read by
+    forward *pre*-hooks: with ``inplace=True`` (torchvision's MobileNetV2) a
+    forward hook would see the clipped tensor. ``(0.0, {})`` for a model
+    without ReLU6. Runs in eval mode without gradients; the model's modes and
+    hooks are left as they were.
+    """
+    counts: dict[str, list[int]] = {}
+
+    def count(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            seen = counts.setdefault(name, [0, 0])
+            seen[0] += int((x > 6).sum())
+            seen[1] += x.numel()
+        return hook
+
+    handles = [m.register_forward_pre_hook(count(name)) for name, m in model.named_modules() if isinstance(m, nn.ReLU6)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    above, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    return (above / total if total else 0.0), {name: c[0] / c[1] for name, c in counts.items()}
+
+
+def float_steps(
+    model: nn.Module,
+    recalibration_batches: Iterable | None = None,
+    example_inputs: torch.Tensor | None = None,
+    *,
+    equalize: bool = True,
+    cle_iterations: int = 20,
+    tolerance: float = 1e-6,
+) -> FloatSteps:
+    """Run the float steps of the module docstring on copies of ``model``; the caller's model is never touched.
+
+    ``recalibration_batches`` (a loader of ``(x, y)`` or inputs) recomputes the
+    BatchNorm statistics first (``None``: the stored ones are kept, the
+    ``trained`` step is a plain copy). ``equalize=False`` stops after
+    ``folded``. ``example_inputs`` are passed to CLE (a trace check). The model
+    must be in eval mode: folding and reparameterization use running statistics.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"float_steps takes an nn.Module, got {type(model).__name__}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        shown = ", ".join(f"'{n}'" for n in training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        raise ValueError(f"float_steps needs a model in eval mode (folding uses running statistics); {shown} "
+                         "in training mode: call model.eval() first")
+    if not isinstance(cle_iterations, int) or isinstance(cle_iterations, bool) or cle_iterations < 0:
+        raise ValueError(f"cle_iterations must be an int >= 0, got {cle_iterations!r}")
+    trained = copy.deepcopy(model)
+    if recalibration_batches is not None:
+        recalibrate_batchnorm(trained, recalibration_batches)
+    models: dict[str, nn.Module] = {"trained": trained.eval()}
+    models["reparameterized"] = reparameterize_model(trained).eval()
+    models["folded"] = fuse_conv_bn(models["reparameterized"]).eval()
+    if not equalize:
+        return FloatSteps(models)
+    relu, replaced, _ = fold_and_swap_relu6(models["folded"])
+    models["relu"] = relu.eval()
+    models["equalized"], report = cross_layer_equalization(models["folded"], example_inputs,
+                                                           max_iterations=cle_iterations, tolerance=tolerance)
+    models["equalized"].eval()
+    return FloatSteps(models, report, list(replaced))
