@@ -268,9 +268,10 @@ def test_half_precision_model_keeps_its_dtype_and_reparameterize_and_fold_round_
         assert errors[step] <= 2 * own, (step, errors[step], own)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="defect: CLE rounds a half model's weights to half at every sweep "
-                   "(fusionlib/quant/equalize.py cross_layer_equalization -> equalize_pair), so the error grows with "
-                   "cle_iterations: equalized vs relu 2.0e-2 in fp16, 1.2e-1 in bf16 (about 4x the model's own rounding)")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "defect: CLE rounds a half model's weights to half at every sweep (fusionlib/quant/equalize.py "
+    "cross_layer_equalization -> equalize_pair), so the error grows with cle_iterations: equalized vs relu "
+    "2.0e-2 in fp16, 1.2e-1 in bf16 (about 4x the model's own rounding)"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_equalized_step_rounds_once(dtype, half_errors):
     errors, own = half_errors(dtype)
@@ -474,9 +475,9 @@ def test_a_bad_name_is_an_error_naming_it_before_anything_trains(call, tmp_path,
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="defect: zoo.pipeline_run / pipeline_steps pass cle_iterations through int() "
-                   "(True -> 1, 2.5 -> 2, same cache key) and check -1 only when the model is built, after the rep model "
-                   "trained; float_steps refuses all three")
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+    "defect: zoo.pipeline_run / pipeline_steps pass cle_iterations through int() (True -> 1, 2.5 -> 2, same "
+    "cache key) and check -1 only when the model is built, after the rep model trained; float_steps refuses all three"))
 @pytest.mark.parametrize("bad", [True, 2.5, -1])
 def test_pipeline_run_checks_cle_iterations_as_float_steps_does(bad, tiny_cache):
     with pytest.raises(ValueError, match="cle_iterations"):
