@@ -33,7 +33,7 @@ from fusionlib.quant.equalize import EqualizationReport, cross_layer_equalizatio
 from fusionlib.reparam import reparameterize_model
 from fusionlib.train import recalibrate_batchnorm
 
-__all__ = ["EXACT_AGAINST", "FLOAT_STEPS", "FloatSteps", "float_steps", "relu6_clipped_share"]
+__all__ = ["EXACT_AGAINST", "FLOAT_STEPS", "FloatSteps", "check_recipe", "float_steps", "output_step", "relu6_clipped_share"]
 
 #: The float steps in order (``relu`` and ``equalized`` only with ``equalize=True``).
 FLOAT_STEPS = ("trained", "reparameterized", "folded", "relu", "equalized")
@@ -58,6 +58,26 @@ class FloatSteps:
     def exact_pairs(self) -> list[tuple[str, str]]:
         """``(step, reference step)`` for every exact step present."""
         return [(step, ref) for step, ref in EXACT_AGAINST.items() if step in self.models and ref in self.models]
+
+
+def output_step(model: nn.Module) -> float:
+    """One step of a ``prepare_qat`` graph's quantized output: ``amax / quant_max`` of the quantizer producing it.
+
+    The logits of the fake-quant model, and of every int8 runtime built from it,
+    are multiples of this step; two classes within one step of each other are
+    a tie at that resolution (``deploy.top1_agreement(..., tolerance=step)``).
+    Raises ValueError when the output is not one calibrated per-tensor quantizer's.
+    """
+    from fusionlib.quant.tensor_quantizer import TensorQuantizer
+
+    graph = getattr(model, "graph", None)
+    outputs = [n for n in graph.nodes if n.op == "output"] if graph is not None else []
+    node = outputs[0].args[0] if outputs else None
+    quantizer = model.get_submodule(node.target) if getattr(node, "op", None) == "call_module" else None
+    if not isinstance(quantizer, TensorQuantizer) or quantizer.amax is None or quantizer.amax.numel() != 1:
+        raise ValueError(f"output_step takes a calibrated prepare_qat graph whose output is one per-tensor quantizer's; "
+                         f"{type(model).__name__}'s output is {getattr(node, 'target', node)!r}")
+    return float(quantizer.amax) / quantizer.quant_max
 
 
 def relu6_clipped_share(model: nn.Module, inputs: torch.Tensor) -> tuple[float, dict[str, float]]:
@@ -94,6 +114,14 @@ def relu6_clipped_share(model: nn.Module, inputs: torch.Tensor) -> tuple[float, 
     return (above / total if total else 0.0), {name: c[0] / c[1] for name, c in counts.items()}
 
 
+def check_recipe(equalize: bool, cle_iterations: int) -> None:
+    """The float steps' own options, checked (one rule for :func:`float_steps` and the zoo's pipeline recipe)."""
+    if not isinstance(equalize, bool):
+        raise ValueError(f"equalize must be True or False, got {equalize!r}")
+    if not isinstance(cle_iterations, int) or isinstance(cle_iterations, bool) or cle_iterations < 0:
+        raise ValueError(f"cle_iterations must be an int >= 0, got {cle_iterations!r}")
+
+
 def float_steps(
     model: nn.Module,
     recalibration_batches: Iterable | None = None,
@@ -118,8 +146,7 @@ def float_steps(
         shown = ", ".join(f"'{n}'" for n in training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
         raise ValueError(f"float_steps needs a model in eval mode (folding uses running statistics); {shown} "
                          "in training mode: call model.eval() first")
-    if not isinstance(cle_iterations, int) or isinstance(cle_iterations, bool) or cle_iterations < 0:
-        raise ValueError(f"cle_iterations must be an int >= 0, got {cle_iterations!r}")
+    check_recipe(equalize, cle_iterations)
     trained = copy.deepcopy(model)
     if recalibration_batches is not None:
         recalibrate_batchnorm(trained, recalibration_batches)
@@ -133,4 +160,4 @@ def float_steps(
     models["equalized"], report = cross_layer_equalization(models["folded"], example_inputs,
                                                            max_iterations=cle_iterations, tolerance=tolerance)
     models["equalized"].eval()
-    return FloatSteps(models, report, list(replaced))
+    return FloatSteps(models, report, list(dict.fromkeys(replaced)))   # a shared ReLU6 once, not once per call

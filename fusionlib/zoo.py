@@ -444,14 +444,15 @@ def pipeline_steps(name: str = "resnet18", *, epochs: int = 3, image_size: int =
     every call returns a deep copy, so a caller editing a model never changes
     another caller's. Returns a :class:`fusionlib.pipeline.FloatSteps`.
     """
-    from fusionlib.pipeline import float_steps   # here: it loads the quantization toolkit
+    from fusionlib.pipeline import check_recipe, float_steps   # here: it loads the quantization toolkit
 
+    check_recipe(equalize, cle_iterations)
     rep_name = name if name.startswith("rep_") else f"rep_{name}"
     if rep_name not in ALL_BUILDERS:
         raise ValueError(f"the pipeline takes resnet18 or mobilenet_v2 (their rep_ versions), got {name!r}")
     rep, rep_metrics = trained_model(rep_name, epochs=epochs, image_size=image_size, seed=seed, progress=progress)
-    key = cache_key({"kind": "pipeline_steps", "rep_key": rep_metrics["key"], "equalize": bool(equalize),
-                     "cle_iterations": int(cle_iterations), "version": PIPELINE_CACHE_VERSION})
+    key = cache_key({"kind": "pipeline_steps", "rep_key": rep_metrics["key"], "equalize": equalize,
+                     "cle_iterations": cle_iterations, "version": PIPELINE_CACHE_VERSION})
     if key not in _PIPELINE_STEPS:
         train_loader, test_loader = digits_loaders(image_size=image_size, seed=seed)
         example = next(iter(test_loader))[0][:2]
@@ -492,8 +493,11 @@ def pipeline_run(
     from fusionlib.quant.ptq import calibrate
     from fusionlib.quant.qat import prepare_qat
 
+    from fusionlib.pipeline import check_recipe
+
     if not (isinstance(epochs, int) and epochs >= 0):
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    check_recipe(equalize, cle_iterations)
     base = name[4:] if name.startswith("rep_") else name
     if f"rep_{base}" not in ALL_BUILDERS:
         raise ValueError(f"the pipeline takes resnet18 or mobilenet_v2 (their rep_ versions), got {name!r}")

@@ -268,14 +268,10 @@ def test_half_precision_model_keeps_its_dtype_and_reparameterize_and_fold_round_
         assert errors[step] <= 2 * own, (step, errors[step], own)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "defect: CLE rounds a half model's weights to half at every sweep (fusionlib/quant/equalize.py "
-    "cross_layer_equalization -> equalize_pair), so the error grows with cle_iterations: equalized vs relu "
-    "2.0e-2 in fp16, 1.2e-1 in bf16 (about 4x the model's own rounding)"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_equalized_step_rounds_once(dtype, half_errors):
     errors, own = half_errors(dtype)
-    # measured: fp16 own 4.9e-3, equalized 2.0e-2 (0 sweeps: 0, 1 sweep: 5.8e-3); bf16 own 2.8e-2, equalized 1.2e-1
+    # before CLE ran in float32 and rounded once: fp16 own 4.9e-3, equalized 2.0e-2; bf16 own 2.8e-2, equalized 1.2e-1
     assert errors["equalized"] <= 2 * own, (errors["equalized"], own)
 
 
@@ -475,9 +471,6 @@ def test_a_bad_name_is_an_error_naming_it_before_anything_trains(call, tmp_path,
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "defect: zoo.pipeline_run / pipeline_steps pass cle_iterations through int() (True -> 1, 2.5 -> 2, same "
-    "cache key) and check -1 only when the model is built, after the rep model trained; float_steps refuses all three"))
 @pytest.mark.parametrize("bad", [True, 2.5, -1])
 def test_pipeline_run_checks_cle_iterations_as_float_steps_does(bad, tiny_cache):
     with pytest.raises(ValueError, match="cle_iterations"):
@@ -490,3 +483,22 @@ def test_a_bad_qat_epochs_is_an_error_before_anything_trains(bad, tmp_path, monk
     with pytest.raises(ValueError, match=re.escape(f"epochs must be an int >= 0, got {bad!r}")):
         zoo.pipeline_run("mobilenet_v2", **dict(TINY, epochs=bad))
     assert not (tmp_path / "cache").exists()
+
+
+def test_output_step_is_the_output_quantizers_step_and_logits_lie_on_it():
+    from fusionlib.quant import calibrate
+    from fusionlib.quant.qat import prepare_qat
+    from fusionlib.pipeline import output_step
+
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    gm = prepare_qat(model, x[:2])
+    with pytest.raises(ValueError, match="calibrated prepare_qat graph"):
+        output_step(gm)                                              # no amax yet
+    calibrate(gm, [x])
+    step = output_step(gm.eval())
+    with torch.no_grad():
+        logits = gm(x)
+    assert step > 0 and torch.allclose(logits / step, (logits / step).round(), atol=1e-4)   # multiples of the step
+    with pytest.raises(ValueError, match="Sequential"):
+        output_step(model)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -239,3 +240,9 @@ def test_vnni_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
             calibrate(gm, [torch.randn(2, 3, 8, 8)])
             with pytest.warns(UserWarning, match="no VNNI"):
                 convert_int8(gm)
+            seven = prepare_qat(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval(),
+                                quant_desc_weight=QuantDescriptor(num_bits=7, axis=0))
+            calibrate(seven, [torch.randn(2, 3, 8, 8)])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)     # 7-bit weights: no pair of products saturates
+                convert_int8(seven)

@@ -417,6 +417,10 @@ def cross_layer_equalization(
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
     gm, replaced, stats = fold_and_swap_relu6(model, inplace=inplace)
+    # a half-precision model is equalized in float32 and rounded back once, not at every sweep
+    half = next((p.dtype for p in gm.parameters() if p.dtype in (torch.float16, torch.bfloat16)), None)
+    if half is not None:
+        gm.float()
     modules = modules_by_name(gm)
     counts = _call_counts(gm)
     report = EqualizationReport(type(model).__name__, batchnorm=stats, relu6_replaced=replaced)
@@ -437,7 +441,8 @@ def cross_layer_equalization(
                                                "channels do not line up one to one"))
             continue
         report.pairs.append(EqualizedPair(node.target, nxt.target, activation, channel_ranges(first, second)))
-    total = {p.first: torch.ones(_out_features(modules[p.first])) for p in report.pairs}
+    total = {p.first: torch.ones(_out_features(modules[p.first]), device=modules[p.first].weight.device)
+             for p in report.pairs}
     for sweep in range(max_iterations):
         change = 0.0
         for p in report.pairs:
@@ -453,6 +458,8 @@ def cross_layer_equalization(
         if p.first in stats:
             st = stats[p.first]
             stats[p.first] = BatchNormStats(st.layer, st.bn, st.beta / p.scale, st.gamma / p.scale)
+    if half is not None:
+        gm.to(half)
     gm.equalization_report = report
     if example_inputs is not None:
         with torch.no_grad():

@@ -320,10 +320,13 @@ def convert_int8(qat_model: fx.GraphModule, example_inputs: torch.Tensor | Seque
     disabled, narrow-range activations, ...).
     """
     _check_convertible(qat_model)
-    if not int8_sums_exact():
-        warnings.warn("convert_int8: this CPU has no VNNI, so torch's x86 int8 kernels add products in saturating "
-                      "16-bit sums: results can drift from fake quant (see fusionlib.quant.int8.int8_sums_exact)",
-                      stacklevel=2)
+    wide = [name for name, m in qat_model.named_modules()
+            if isinstance(m, (QATConv2d, QATConvBn2d, QATLinear)) and m.weight_quantizer.num_bits > 7]
+    if wide and not int8_sums_exact():   # 7-bit weights: a pair of products, 2·255·64, fits a 16-bit sum
+        warnings.warn(f"convert_int8: this CPU has no VNNI, so torch's x86 int8 kernels add pairs of products in "
+                      f"saturating 16-bit sums: with the 8-bit weights of {len(wide)} layer(s) results can drift from "
+                      "fake quant; 7-bit weights (QuantDescriptor(num_bits=7)) keep every sum exact (see "
+                      "fusionlib.quant.int8.int8_sums_exact)", stacklevel=2)
     torch.backends.quantized.engine = ENGINE
     root = copy.deepcopy(qat_model).eval()
     build = _Int8Graph(root)

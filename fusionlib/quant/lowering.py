@@ -14,13 +14,18 @@ dynamic amax (none stored)     no: kernels take a scale fixed in advance     no:
 ``scale_amax`` given           no: amax · scale_amax is an experiment        no
 no amax, or still calibrating  no                                            no
 ``fake_quant=False``           no: it outputs integers, not ``x̂``            no
-bits                           activations 8; weights 2..8                  8
+bits                           activations 8; weights 2..8                  activations 8; weights 2..8 (*)
 unsigned (``[0, 2^b − 1]``)    activations (quint8); not weights (qint8)     yes (uint8)
 signed narrow range            weights ([−127, 127] ⊂ qint8); not            no: QuantizeLinear saturates to
 (``[−qmax, qmax]``)            activations (requantized outputs reach −128)  [−128, 127]
 unsigned narrow range          the same grid as full range (qmin = 0)        the same grid as full range
 per channel                    weights, along axis 0; activations no         one axis
 =============================  ===========================================  ==================================
+
+(*) A signed weight grid narrower than int8 (``num_bits < 8``, e.g. 7-bit weights, whose pairs of
+uint8 x int8 products cannot saturate a 16-bit sum on CPUs without VNNI) is written as int8: export mode
+clamps the constant weight to ``[qmin, qmax] · step`` first, so QuantizeLinear's rounding lands on the
+narrower grid, exactly the fake quantizer's values. Activations are not constants and keep 8 bits.
 """
 from __future__ import annotations
 
@@ -65,8 +70,10 @@ def lowering_problem(q: TensorQuantizer, target: Target, *, weight: bool) -> str
     if not q.fake_quant:
         return "fake_quant=False: it outputs the integers, not their values"
     if target == "qdq":
+        if weight and not q.unsigned and q.num_bits < 8:
+            return None if _one_axis(q) else f"amax along several axes {q.axis} (Q/DQ takes one)"
         if q.num_bits != 8:
-            return f"{q.num_bits} bits (QuantizeLinear holds 8-bit integers)"
+            return f"{q.num_bits} bits (QuantizeLinear holds 8-bit integers; only weights, constants, take a narrower grid)"
         if _is_narrow(q):
             return "narrow range [-127, 127] (ONNX's int8 grid is [-128, 127]; use narrow_range=False)"
         if not _one_axis(q):

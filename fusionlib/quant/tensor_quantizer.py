@@ -295,6 +295,15 @@ class TensorQuantizer(nn.Module):
         qmax, qmin = self.quant_max, self.quant_min
         step = amax / qmax  # torch's "scale"
         axes = check_axis(self._axis, x.dim())
+        if not self._unsigned and (qmin, qmax) != (-128, 127):
+            # a signed grid narrower than int8 (a weight of fewer bits, lowering.py's (*)): clamp to its ends first,
+            # then QuantizeLinear's int8 rounding lands on it; the exporter folds the clamp of a constant weight
+            shape = [1] * x.dim()
+            if amax.numel() > 1 and axes is not None and len(axes) == 1:
+                shape[axes[0]] = -1
+            ends = step.detach().reshape(shape) if amax.numel() > 1 else step.detach().reshape(())
+            x = torch.maximum(torch.minimum(x, ends * qmax), ends * qmin)
+            qmin, qmax = -128, 127
         if amax.numel() == 1:
             if self.export_uint8_shift and not self._unsigned and self._num_bits == 8 and not self._narrow_range:
                 return torch.fake_quantize_per_tensor_affine(x, float(step.reshape(())), 128, 0, 255)
