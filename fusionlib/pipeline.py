@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from fusionlib.fx import fuse_conv_bn
+from fusionlib.modules import require_eval_mode
 from fusionlib.quant.equalize import EqualizationReport, cross_layer_equalization, fold_and_swap_relu6
 from fusionlib.reparam import reparameterize_model
 from fusionlib.train import recalibrate_batchnorm
 
-__all__ = ["EXACT_AGAINST", "FLOAT_STEPS", "FloatSteps", "check_recipe", "float_steps", "output_step", "relu6_clipped_share"]
+__all__ = ["EXACT_AGAINST", "FLOAT_STEPS", "FloatSteps", "check_recipe", "float_steps", "output_step", "relu6_clipped_share",
+           "relu6_input_counts"]
 
 #: The float steps in order (``relu`` and ``equalized`` only with ``equalize=True``).
 FLOAT_STEPS = ("trained", "reparameterized", "folded", "relu", "equalized")
@@ -80,24 +82,18 @@ def output_step(model: nn.Module) -> float:
     return float(quantizer.amax) / quantizer.quant_max
 
 
-def relu6_clipped_share(model: nn.Module, inputs: torch.Tensor) -> tuple[float, dict[str, float]]:
-    """What replacing ReLU6 by ReLU changes: the share of ReLU6 inputs above 6 on ``inputs`` (ReLU passes them).
+def relu6_input_counts(model: nn.Module, inputs: torch.Tensor) -> list[tuple[str, int, int]]:
+    """``(ReLU6 module name, its input elements above 6, its input elements)`` for every ReLU6 call, in call order.
 
-    Returns ``(share over every ReLU6 input element, {ReLU6 module name: its share})``;
-    a module called several times counts every call. The inputs are read by
-    forward *pre*-hooks: with ``inplace=True`` (torchvision's MobileNetV2) a
-    forward hook would see the clipped tensor. ``(0.0, {})`` for a model
-    without ReLU6. Runs in eval mode without gradients; the model's modes and
-    hooks are left as they were.
+    The inputs are read by forward *pre*-hooks: with ``inplace=True`` (torchvision's
+    MobileNetV2) a forward hook would see the clipped tensor. Runs in eval mode
+    without gradients; the model's modes and hooks are left as they were.
     """
-    counts: dict[str, list[int]] = {}
+    calls: list[tuple[str, int, int]] = []
 
     def count(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            seen = counts.setdefault(name, [0, 0])
-            seen[0] += int((x > 6).sum())
-            seen[1] += x.numel()
+            calls.append((name, int((args[0] > 6).sum()), args[0].numel()))
         return hook
 
     handles = [m.register_forward_pre_hook(count(name)) for name, m in model.named_modules() if isinstance(m, nn.ReLU6)]
@@ -110,8 +106,23 @@ def relu6_clipped_share(model: nn.Module, inputs: torch.Tensor) -> tuple[float, 
             handle.remove()
         for m, mode in modes.items():
             m.training = mode
-    above, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
-    return (above / total if total else 0.0), {name: c[0] / c[1] for name, c in counts.items()}
+    return calls
+
+
+def relu6_clipped_share(model: nn.Module, inputs: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """What replacing ReLU6 by ReLU changes: the share of ReLU6 inputs above 6 on ``inputs`` (ReLU passes them).
+
+    Returns ``(share over every ReLU6 input element, {ReLU6 module name: its share})``;
+    a module called several times counts every call (:func:`relu6_input_counts`).
+    ``(0.0, {})`` for a model without ReLU6.
+    """
+    per_module: dict[str, list[int]] = {}
+    for name, above, total in relu6_input_counts(model, inputs):
+        seen = per_module.setdefault(name, [0, 0])
+        seen[0] += above
+        seen[1] += total
+    above, total = sum(c[0] for c in per_module.values()), sum(c[1] for c in per_module.values())
+    return (above / total if total else 0.0), {name: c[0] / c[1] for name, c in per_module.items()}
 
 
 def check_recipe(equalize: bool, cle_iterations: int) -> None:
@@ -141,11 +152,7 @@ def float_steps(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"float_steps takes an nn.Module, got {type(model).__name__}")
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
-    if training:
-        shown = ", ".join(f"'{n}'" for n in training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
-        raise ValueError(f"float_steps needs a model in eval mode (folding uses running statistics); {shown} "
-                         "in training mode: call model.eval() first")
+    require_eval_mode(model, "float_steps", "reparameterization and folding use the running statistics")
     check_recipe(equalize, cle_iterations)
     trained = copy.deepcopy(model)
     if recalibration_batches is not None:

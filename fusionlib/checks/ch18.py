@@ -84,7 +84,7 @@ def exercise_2(clipped_share: Callable, seed: int) -> str:
         return "the share over every ReLU6 input, with in-place ReLU6 and one ReLU6 called twice"
     exercises.expect(got > 0, "the share is 0: if you read the ReLU6 inputs with a forward hook, an in-place ReLU6 has "
                               "already clipped them; a forward pre-hook sees them first.")
-    calls = _per_call_counts(model, x)
+    calls = pipeline.relu6_input_counts(model, x)
     mean_of_layers = sum(per_layer.values()) / len(per_layer)
     first_calls = [c for i, c in enumerate(calls) if c[0] not in [d[0] for d in calls[:i]]]
     first_only = sum(c[1] for c in first_calls) / sum(c[2] for c in first_calls)
@@ -97,17 +97,3 @@ def exercise_2(clipped_share: Callable, seed: int) -> str:
                    "on every call (one module here is called twice), and the ones above 6 among them.")
     return ""
 
-
-def _per_call_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int, int]]:
-    """``(module name, elements above 6, elements)`` per ReLU6 call, in call order."""
-    calls: list[tuple[str, int, int]] = []
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args, n=n: calls.append((n, int((args[0] > 6).sum()), args[0].numel())))
-        for n, m in model.named_modules() if isinstance(m, nn.ReLU6)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls

@@ -70,11 +70,10 @@ def lowering_problem(q: TensorQuantizer, target: Target, *, weight: bool) -> str
     if not q.fake_quant:
         return "fake_quant=False: it outputs the integers, not their values"
     if target == "qdq":
-        if weight and not q.unsigned and q.num_bits < 8:
-            return None if _one_axis(q) else f"amax along several axes {q.axis} (Q/DQ takes one)"
-        if q.num_bits != 8:
+        narrower_weight = weight and not q.unsigned and q.num_bits < 8   # written as int8 on its own grid: (*)
+        if q.num_bits != 8 and not narrower_weight:
             return f"{q.num_bits} bits (QuantizeLinear holds 8-bit integers; only weights, constants, take a narrower grid)"
-        if _is_narrow(q):
+        if _is_narrow(q) and not narrower_weight:
             return "narrow range [-127, 127] (ONNX's int8 grid is [-128, 127]; use narrow_range=False)"
         if not _one_axis(q):
             return f"amax along several axes {q.axis} (Q/DQ takes one)"
